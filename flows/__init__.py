@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (discover -> map resize -> map filter -> gallery)."""

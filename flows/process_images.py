@@ -1,0 +1,152 @@
+"""The process-images flow: discover, resize and filter chunks on Ray, build the gallery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import remote_options
+
+from pixelmill import progress
+from pixelmill.errors import UsageError
+from pixelmill.layout import check_run_name, run_stamp
+from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
+from pixelmill.spec import PipelineSpec, StageResources
+from tasks import build_gallery, discover, filter_chunk, resize_chunk
+
+RUNNERS = ("ray", "threads", "sequential")
+
+
+def make_task_runner(runner: str = "ray", ray_address: str | None = None):
+    """The task runner for `--runner`: Ray (local or `ray_address`), threads, or one thread."""
+    if runner == "ray":
+        return RayTaskRunner(address=ray_address or os.environ.get("RAY_ADDRESS"),
+                             init_kwargs={"log_to_driver": False,
+                                                        "logging_level": logging.WARNING})
+    if runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1)
+    if runner == "sequential":
+        return ThreadPoolTaskRunner(max_workers=1)
+    raise UsageError(f"--runner {runner!r}: choose from {', '.join(RUNNERS)}")
+
+
+def _on_ray() -> bool:
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, RayTaskRunner)
+
+
+def _cluster_resources() -> dict[str, float]:
+    if _on_ray():
+        import ray
+
+        return dict(ray.cluster_resources())
+    return {"CPU": float(os.cpu_count() or 1)}
+
+
+def _check_resources(stages: dict[str, StageResources], cluster: dict[str, float]) -> None:
+    """Refuse a stage that asks for more than the cluster has: Ray would wait forever."""
+    for stage, wants in stages.items():
+        for name, amount in (("CPU", wants.num_cpus), ("GPU", wants.num_gpus)):
+            if amount > cluster.get(name, 0.0):
+                raise UsageError(
+                    f"the {stage} stage asks for {amount:g} {name} per chunk but the cluster has "
+                    f"{cluster.get(name, 0.0):g}; lower it or use a cluster that has them"
+                )
+
+
+def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | None,
+             plan_chunk) -> tuple[list[ImageResult], ChunkSummary, ChunkResult | None]:
+    """Images, summary and result of one chunk from the state of its last stage."""
+    index = plan_chunk.index
+    for done in (future, resized):
+        if done is not None:
+            done.wait()  # as_completed can yield before the final state is recorded
+    state = future.state
+    if state.is_completed():
+        result: ChunkResult = future.result()
+        first: ChunkResult | None = resized.result() if resized is not None else None
+        resources = {"resize": (first or result).resources}
+        if first is not None:
+            resources["filter"] = result.resources
+        summary = ChunkSummary(index=index, state="Completed", images=chunk_images,
+                               resources=resources)
+        return list(result.images), summary, result
+    if resized is not None and resized.state.is_completed():
+        reason = f"filter stage failed: {state.message or state.name}"
+        images = [image.model_copy(update={"status": "failed", "error": reason})
+                  if image.status == "ok" else image for image in resized.result().images]
+    else:
+        first_state = resized.state if resized is not None else state
+        reason = f"chunk {plan_chunk.label} failed: {first_state.message or first_state.name}"
+        images = [ImageResult(source=item.source, status="failed", error=reason)
+                  for item in plan_chunk.items]
+    summary = ChunkSummary(index=index, state=state.name, images=chunk_images, error=reason)
+    return images, summary, None
+
+
+@flow(name="process-images", task_runner=make_task_runner("ray"), log_prints=True)
+def process_images(
+    source: str,
+    destination: str,
+    spec: PipelineSpec = PipelineSpec(),
+    run_name: str | None = None,
+    chunk_size: int | None = None,
+    resize_resources: StageResources = StageResources(),
+    filter_resources: StageResources = StageResources(),
+) -> RunReport:
+    """Resize and filter every image under `source` into `destination`/<run>/ with a gallery."""
+    started = time.monotonic()
+    logger = get_run_logger()
+    run = check_run_name(run_name) if run_name else run_stamp(flow_run.scheduled_start_time)
+    job = Job(source=source, destination=destination, run=run, spec=spec)
+    cluster = _cluster_resources()
+    _check_resources({"resize": resize_resources, "filter": filter_resources}, cluster)
+
+    plan: Plan = discover(job, chunk_size, int(cluster.get("CPU", 1)))
+    images = sum(len(chunk.items) for chunk in plan.chunks)
+    progress.planned(len(plan.chunks), images, len(plan.rejected))
+
+    with remote_options(**resize_resources.ray_options()):
+        resized = [resize_chunk.submit(job, chunk) for chunk in plan.chunks]
+    last = resized
+    if spec.filters:
+        with remote_options(**filter_resources.ray_options()):
+            last = [filter_chunk.submit(job, future) for future in resized]
+
+    position = {future: number for number, future in enumerate(last)}
+    results: list[ImageResult] = list(plan.rejected)
+    summaries: list[ChunkSummary] = []
+    for future in as_completed(last):
+        number = position[future]
+        chunk = plan.chunks[number]
+        upstream = resized[number] if spec.filters else None
+        chunk_images, summary, result = _outcome(len(chunk.items), future, upstream, chunk)
+        results.extend(chunk_images)
+        summaries.append(summary)
+        progress.chunk_done(result, len(chunk.items))
+
+    report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
+                             sorted(summaries, key=lambda summary: summary.index))
+    index = build_gallery(report)
+    logger.info("%d ok, %d failed; gallery at %s/%s", report.counts.ok, report.counts.failed,
+                destination.rstrip("/"), index)
+    failed_chunks = [summary for summary in summaries if summary.state != "Completed"]
+    if failed_chunks:
+        return Failed(message=f"{len(failed_chunks)} of {len(summaries)} chunks failed",
+                      data=report)
+    return report
+
+
+if __name__ == "__main__":
+    import sys
+
+    process_images(sys.argv[1] if len(sys.argv) > 1 else "samples",
+                   sys.argv[2] if len(sys.argv) > 2 else "out")

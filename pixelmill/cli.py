@@ -1,0 +1,333 @@
+"""The `pixelmill` command line: demo, run, resize, check, server.
+
+Exit status: 0 every image ok; 1 the run finished but some images failed; 2 bad usage or
+configuration (one line, nothing written); 3 the run itself failed. Prefect, Ray and the
+flows are imported only inside the commands that run them, after the API is set up.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pixelmill import server
+from pixelmill.errors import ImageError, UsageError
+from pixelmill.filters import FILTER_NAMES, canonical_filter
+from pixelmill.models import ChunkResult, RunReport
+from pixelmill.spec import PipelineSpec, parse_size
+from pixelmill.storage import LocalStorage, is_gcs, open_storage
+
+EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
+DEMO_FILTERS = ("blur", "sharpen", "contour", "emboss")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Batch image pipeline on Prefect + Ray: resize, filter, gallery.")
+server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server pixelmill starts.")
+app.add_typer(server_app, name="server")
+console = Console(stderr=True)
+out = Console()
+
+
+class Fail(Exception):
+    """Leave the command with an exit status and one line for the user."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _spec(size: str, fit: str, filters: list[str] | None, fmt: str, quality: int,
+          upscale: bool = False) -> PipelineSpec:
+    """Validate the pipeline options into a spec; any problem is a UsageError (exit 2)."""
+    parse_size(size)
+    names = [canonical_filter(name) for name in (filters or [])]
+    try:
+        return PipelineSpec(size=size, fit=fit, filters=names, format=fmt.lower(),
+                            quality=quality, upscale=upscale)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "option"
+        raise UsageError(f"--{field} {error.get('input')!r}: {error['msg']}") from None
+
+
+class RichProgress:
+    """Draws chunks done / images done / failures while the flow runs in this process."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.fields[chunks]}"),
+                            TextColumn("images {task.completed:.0f}/{task.fields[images]}"),
+                            TextColumn("[red]{task.fields[failed]} failed"),
+                            TimeElapsedColumn(), console=console, transient=False)
+        self.task = self.bar.add_task("processing", total=None, chunks="", images="?", failed=0,
+                                      start=False)
+        self.chunks_total = self.chunks_done = self.failed = 0
+
+    def planned(self, chunks: int, images: int, rejected: int) -> None:
+        self.chunks_total, self.failed = chunks, rejected
+        self.bar.start_task(self.task)
+        self.bar.update(self.task, total=images, images=images, chunks=f"chunks 0/{chunks}",
+                        failed=rejected)
+
+    def chunk_done(self, result: ChunkResult | None, images: int) -> None:
+        self.chunks_done += 1
+        failed = images if result is None else sum(i.status == "failed" for i in result.images)
+        self.failed += failed
+        self.bar.update(self.task, advance=images, failed=self.failed,
+                        chunks=f"chunks {self.chunks_done}/{self.chunks_total}")
+
+
+def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
+    if not verbose:  # the progress bar is the console view; logs still reach the API/UI
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    try:
+        url, info = server.ensure_api()
+    except RuntimeError as exc:
+        raise Fail(EXIT_USAGE, str(exc).splitlines()[0]) from None
+    if info is not None:
+        console.print(f"Prefect UI: [link={info.ui_url}]{info.ui_url}[/link] "
+                      "(local server; `pixelmill server stop` ends it)")
+    else:
+        console.print(f"Prefect API: {url}")
+    return info
+
+
+def _check_source(source: str) -> None:
+    if not is_gcs(source) and not Path(source).is_dir():
+        raise UsageError(f"SOURCE {source}: no such folder; give a folder of images or gs://bucket/prefix")
+
+
+def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
+            ray_address: str | None = None, run_name: str | None = None,
+            chunk_size: int | None = None, verbose: bool = False) -> tuple[int, RunReport | None]:
+    """Run the flow in this process with a progress bar; returns (exit status, report)."""
+    from pixelmill.layout import check_run_name
+
+    _check_source(source)
+    open_storage(dest)
+    if run_name:
+        check_run_name(run_name)
+    if chunk_size is not None and chunk_size < 1:
+        raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
+    info = _prepare_prefect(verbose)
+
+    from flows.process_images import make_task_runner, process_images  # after the API is set
+    from pixelmill import progress
+
+    flow = process_images.with_options(task_runner=make_task_runner(runner, ray_address))
+    listener = RichProgress()
+    progress.listen(listener)
+    started = time.monotonic()
+    try:
+        with listener.bar:
+            state = flow(source=source, destination=dest, spec=spec, run_name=run_name,
+                         chunk_size=chunk_size, return_state=True)
+    finally:
+        progress.unlisten(listener)
+    elapsed = time.monotonic() - started
+    flow_run_id = state.state_details.flow_run_id
+    if info is not None and flow_run_id:
+        console.print(f"Flow run: {info.ui_url}/runs/flow-run/{flow_run_id}")
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, UsageError):
+        raise result
+    if not isinstance(result, RunReport):
+        console.print(f"[red]run failed:[/red] {state.message or result}")
+        return EXIT_RUN_FAILED, None
+    _summary(result, elapsed)
+    return (EXIT_IMAGES_FAILED if result.counts.failed else EXIT_OK), result
+
+
+def _summary(report: RunReport, elapsed: float) -> None:
+    counts = report.counts
+    rate = counts.ok / report.duration_s if report.duration_s else 0.0
+    gallery = (report.destination.rstrip("/") + f"/{report.run}/gallery/index.html")
+    out.print(f"processed {counts.ok} ok, {counts.failed} failed, {counts.skipped} skipped "
+              f"of {counts.discovered} in {report.duration_s:.1f} s ({rate:.1f} images/s; "
+              f"{elapsed:.1f} s with start-up)")
+    for image in report.failures[:10]:
+        out.print(f"  [red]failed[/red] {image.source}: {image.error}", markup=True,
+                  highlight=False)
+    if len(report.failures) > 10:
+        out.print(f"  ... and {len(report.failures) - 10} more in report.json")
+    out.print(f"gallery: {gallery}")
+
+
+def _guard(command) -> None:
+    try:
+        code = command()
+    except (UsageError, ImageError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    except Fail as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(exc.code) from None
+    raise typer.Exit(code or EXIT_OK)
+
+
+SizeOpt = Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT in pixels")]
+FitOpt = Annotated[str, typer.Option("--fit", help="contain | cover | fill")]
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Argument(help="folder or gs://bucket/prefix")],
+    dest: Annotated[str, typer.Argument(help="folder or gs://bucket/prefix")],
+    size: SizeOpt = "400x300",
+    fit: FitOpt = "contain",
+    filter: Annotated[Optional[list[str]], typer.Option(
+        "--filter", help=f"repeatable: {', '.join(FILTER_NAMES)} (radius as name:R)")] = None,
+    format: Annotated[str, typer.Option("--format", help="jpeg | png | webp | avif")] = "jpeg",
+    quality: Annotated[int, typer.Option("--quality")] = 85,
+    upscale: Annotated[bool, typer.Option("--upscale", help="enlarge small images")] = False,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size")] = None,
+    runner: Annotated[str, typer.Option("--runner", help="ray | threads | sequential")] = "ray",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address",
+                                                       envvar="RAY_ADDRESS")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Resize (and filter) every image under SOURCE into DEST/<run>/ with a gallery."""
+    def command() -> int:
+        spec = _spec(size, fit, filter, format, quality, upscale)
+        return execute(source, dest, spec, runner=runner, ray_address=ray_address,
+                       run_name=run_name, chunk_size=chunk_size, verbose=verbose)[0]
+    _guard(command)
+
+
+@app.command()
+def demo(
+    dest: Annotated[Path, typer.Argument(help="where the demo run goes")] = Path("pixelmill-demo"),
+    runner: Annotated[str, typer.Option("--runner")] = "ray",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Make sample photos, run the whole pipeline on them, print the gallery path."""
+    def command() -> int:
+        from pixelmill.samples import write_demo_set
+
+        samples = dest / "samples"
+        if not samples.is_dir():
+            count = len(write_demo_set(samples))
+            console.print(f"made {count} sample photos in {samples}")
+        spec = _spec("400x300", "contain", list(DEMO_FILTERS), "jpeg", 85)
+        code, report = execute(str(samples), str(dest / "runs"), spec, runner=runner,
+                               verbose=verbose)
+        if report is not None:
+            index = dest / "runs" / report.run / "gallery" / "index.html"
+            out.print(f"open the gallery: file://{index.absolute()}")
+        return code
+    _guard(command)
+
+
+@app.command()
+def resize(
+    input: Annotated[Path, typer.Argument(help="an image file")],
+    output: Annotated[Path, typer.Argument(help="output file; its extension picks the format")],
+    size: SizeOpt = "400x300",
+    fit: FitOpt = "contain",
+    quality: Annotated[int, typer.Option("--quality")] = 85,
+) -> None:
+    """Resize one image, no orchestration."""
+    def command() -> int:
+        from pixelmill.imageops import render_resized
+
+        formats = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp",
+                   ".avif": "avif"}
+        fmt = formats.get(output.suffix.lower())
+        if fmt is None:
+            raise UsageError(f"OUTPUT {output}: end it in one of {', '.join(formats)}")
+        spec = _spec(size, fit, [], fmt, quality)
+        try:
+            data = input.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"INPUT {input}: {exc.strerror or exc}") from None
+        try:
+            rendered = render_resized(data, spec)
+        except ImageError as exc:
+            raise Fail(EXIT_IMAGES_FAILED, f"{input}: {exc}") from None
+        output.parent.mkdir(parents=True, exist_ok=True)
+        LocalStorage(output.parent.absolute()).write(output.name, rendered.data,
+                                                     spec.content_type)
+        out.print(f"{output}: {rendered.width}x{rendered.height}")
+        return EXIT_OK
+    _guard(command)
+
+
+@app.command()
+def check(
+    storage: Annotated[str, typer.Option("--storage", help="a folder or gs:// URI")] = ".",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address",
+                                                       envvar="RAY_ADDRESS")] = None,
+) -> None:
+    """Ray runs a remote task, the Prefect API answers, storage is reachable."""
+    def command() -> int:
+        problems = 0
+        info = _prepare_prefect(verbose=False)
+        out.print(f"[green]ok[/green] Prefect API answers ({os.environ['PREFECT_API_URL']})")
+        del info
+        import ray
+
+        ray.init(address=ray_address, log_to_driver=False)
+        try:
+            @ray.remote
+            def where() -> str:
+                import socket
+
+                return socket.gethostname()
+
+            host = ray.get(where.remote(), timeout=60)
+            cpus = ray.cluster_resources().get("CPU", 0)
+            out.print(f"[green]ok[/green] Ray ran a remote task on {host} ({cpus:g} CPUs)")
+        finally:
+            ray.shutdown()
+        try:
+            target = open_storage(storage)
+            probe = f".pixelmill-check-{os.getpid()}"
+            target.write(probe, b"ok", "text/plain")
+            if isinstance(target, LocalStorage):
+                (target.root / probe).unlink()
+            out.print(f"[green]ok[/green] storage {target.uri} is writable")
+        except OSError as exc:
+            problems += 1
+            out.print(f"[red]failed[/red] storage {storage}: {exc}")
+        return EXIT_RUN_FAILED if problems else EXIT_OK
+    _guard(command)
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Show the local Prefect server pixelmill started, if it is running."""
+    info = server.running()
+    if info is None:
+        out.print("no pixelmill-started Prefect server is running")
+        raise typer.Exit(1)
+    out.print(f"running: pid {info.pid}, UI {info.ui_url}, API {info.url}, log {info.log}")
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the local Prefect server now (commands start it on demand anyway)."""
+    info = server.running() or server.start()
+    out.print(f"running: pid {info.pid}, UI {info.ui_url}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server pixelmill started."""
+    info = server.stop()
+    out.print(f"stopped pid {info.pid}" if info else "no pixelmill-started server was running")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

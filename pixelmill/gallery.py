@@ -1,0 +1,145 @@
+"""The gallery of a run: gallery/index.html, contact sheet JPEGs and report.json."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from urllib.parse import quote
+
+from PIL import Image, ImageDraw, ImageFont
+
+from pixelmill.models import ImageResult, RunReport
+from pixelmill.storage import Storage
+
+# Contact sheet geometry: 6 x 8 tiles of 200x150 keeps one sheet near 1200x1400 pixels.
+SHEET_COLUMNS = 6
+SHEET_ROWS = 8
+TILE = (200, 150)
+LABEL_HEIGHT = 20
+# Sheets are built in the flow's process from the resized outputs; beyond this many tiles
+# (10 sheets) the page itself is the better overview and the driver stays fast and small.
+MAX_SHEET_TILES = SHEET_COLUMNS * SHEET_ROWS * 10
+
+
+def _href(path: str) -> str:
+    """A relative link from gallery/ to a run-folder path, URL-quoted then HTML-escaped."""
+    return html.escape("../" + quote(path), quote=True)
+
+
+def _text(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _label(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
+    """Write labelled contact sheets of the ok images; returns their run-relative paths."""
+    done = [image for image in report.images if image.status == "ok"][:MAX_SHEET_TILES]
+    per_sheet = SHEET_COLUMNS * SHEET_ROWS
+    font = ImageFont.load_default(size=12)
+    names = []
+    for number, start in enumerate(range(0, len(done), per_sheet), start=1):
+        tiles = done[start : start + per_sheet]
+        rows = -(-len(tiles) // SHEET_COLUMNS)
+        cell_w, cell_h = TILE[0] + 8, TILE[1] + LABEL_HEIGHT + 8
+        sheet = Image.new("RGB", (SHEET_COLUMNS * cell_w, rows * cell_h), (32, 32, 32))
+        draw = ImageDraw.Draw(sheet)
+        for slot, image in enumerate(tiles):
+            left, top = (slot % SHEET_COLUMNS) * cell_w + 4, (slot // SHEET_COLUMNS) * cell_h + 4
+            try:
+                data = destination.read(f"{report.run}/{image.outputs['resized']}")
+                with Image.open(io.BytesIO(data)) as thumb:
+                    thumb.draft("RGB", TILE)
+                    thumb = thumb.convert("RGBA")
+                    thumb.thumbnail(TILE)
+                    offset = (left + (TILE[0] - thumb.width) // 2, top + (TILE[1] - thumb.height) // 2)
+                    sheet.paste(thumb, offset, thumb)
+            except (OSError, KeyError):
+                draw.rectangle((left, top, left + TILE[0], top + TILE[1]), outline=(160, 40, 40))
+            draw.text((left, top + TILE[1] + 4), _label(image.source), fill=(230, 230, 230),
+                      font=font)
+        buffer = io.BytesIO()
+        sheet.save(buffer, "JPEG", quality=85)
+        name = f"gallery/contact-sheet-{number:02d}.jpg"
+        destination.write(f"{report.run}/{name}", buffer.getvalue(), "image/jpeg")
+        names.append(name)
+    return names
+
+
+def _figure(image: ImageResult) -> str:
+    resized = image.outputs["resized"]
+    links = " ".join(
+        f'<a href="{_href(path)}">{_text(folder)}</a>'
+        for folder, path in image.outputs.items() if folder != "resized"
+    )
+    notes = "".join(f'<p class="note">{_text(note)}</p>' for note in image.notes)
+    return (
+        f'<figure><a href="{_href(resized)}"><img src="{_href(resized)}" alt="{_text(image.source)}"'
+        f' width="{image.width}" height="{image.height}" loading="lazy" decoding="async"></a>'
+        f"<figcaption><span class=\"name\">{_text(image.source)}</span>"
+        f'<span class="links">{links}</span>{notes}</figcaption></figure>'
+    )
+
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#111;color:#eee}
+header{padding:16px 24px;background:#1d1d1d;border-bottom:1px solid #333}
+h1{font-size:20px;margin:0 0 6px} a{color:#8cf} .muted{color:#aaa}
+main{padding:16px 24px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:14px}
+figure{margin:0;background:#1b1b1b;border:1px solid #2c2c2c;padding:8px}
+figure img{width:100%;height:auto;max-height:200px;object-fit:contain;display:block;background:#000}
+figcaption{margin-top:6px;word-break:break-all}.links a{margin-right:8px;font-size:12px}
+.name{display:block}.note{color:#fc6;font-size:12px;margin:4px 0 0}
+table{border-collapse:collapse;width:100%}td,th{border:1px solid #333;padding:4px 8px;text-align:left}
+.failed{color:#f88}
+"""
+
+
+def render_index(report: RunReport, sheets: list[str]) -> str:
+    """The gallery page: relative links only, every name escaped, failures with reasons."""
+    counts = report.counts
+    spec = report.spec
+    ok = [image for image in report.images if image.status == "ok"]
+    failed = report.failures
+    rows = "".join(
+        f"<tr><td>{_text(image.source)}</td><td>{_text(image.error)}</td></tr>" for image in failed
+    )
+    failures = (
+        f'<h2 class="failed">Failed ({len(failed)})</h2><table><tr><th>source</th>'
+        f"<th>reason</th></tr>{rows}</table>" if failed else ""
+    )
+    sheet_links = " ".join(
+        f'<a href="{_text(quote(name.removeprefix("gallery/")))}">sheet {number}</a>'
+        for number, name in enumerate(sheets, start=1)
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pixelmill · {_text(report.run)}</title><style>{_STYLE}</style></head>
+<body><header><h1>pixelmill run {_text(report.run)}</h1>
+<div class="muted">{_text(report.source)} → {_text(report.destination)}</div>
+<div>{counts.ok} ok · <span class="failed">{counts.failed} failed</span> · {counts.skipped} skipped
+ of {counts.discovered} discovered in {report.duration_s:.1f} s ·
+ {spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
+ filters: {_text(", ".join(spec.filters) or "none")}</div>
+<div>contact sheets: {sheet_links or "none"} · <a href="../report.json">report.json</a></div>
+</header><main>{failures}
+<h2>Images ({len(ok)})</h2><div class="grid">{"".join(_figure(image) for image in ok)}</div>
+</main></body></html>
+"""
+
+
+def build_gallery(report: RunReport, destination: Storage) -> str:
+    """Write contact sheets, index.html and (last) report.json; returns the index key."""
+    sheets = contact_sheets(report, destination)
+    index_key = f"{report.run}/gallery/index.html"
+    destination.write(index_key, render_index(report, sheets).encode("utf-8"),
+                      "text/html; charset=utf-8")
+    destination.write(f"{report.run}/report.json",
+                      json.dumps(report.to_json_dict(), indent=2).encode("utf-8"),
+                      "application/json")
+    return index_key

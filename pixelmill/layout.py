@@ -1,0 +1,93 @@
+"""The output layout contract: run names, output paths, collisions, chunk sizes."""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+
+from pixelmill.errors import UsageError
+from pixelmill.models import Chunk, ChunkItem
+from pixelmill.storage import safe_key
+
+# Extensions we replace with the output format's; anything else is kept and extended.
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".avif", ".tif", ".tiff",
+    ".bmp", ".heic", ".heif",
+}
+# A flow run must stay within a few hundred task runs (two per chunk): the server's event
+# queue dropped events for flows with thousands of task runs (PLATFORM.md).
+MAX_CHUNKS = 150
+# Images per chunk that make Prefect's ~0.15 s per task run about 10 % of a chunk's work
+# at ~30 ms per image; chunks are smaller only when there would be too few to share the cores.
+TARGET_CHUNK = 40
+# Chunks per core for small runs, so a slow chunk does not leave a core idle at the end.
+CHUNKS_PER_CORE = 4
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def run_stamp(when: datetime | None = None) -> str:
+    """The default run folder: the UTC minute stamp YYYYMMDDTHHMMZ."""
+    when = (when or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return when.strftime("%Y%m%dT%H%MZ")
+
+
+def check_run_name(name: str) -> str:
+    if not _RUN_NAME.fullmatch(name) or ".." in name:
+        raise UsageError(
+            f"--run-name {name!r}: use letters, digits, '.', '_' or '-' (one folder name)"
+        )
+    return name
+
+
+def natural_output(relpath: str, extension: str) -> str:
+    """'trips/a.PNG' -> 'trips/a.jpg' for JPEG output; unknown extensions are kept."""
+    stem, ext = posixpath.splitext(relpath)
+    if ext.lower() in IMAGE_EXTENSIONS:
+        return stem + extension
+    return relpath + extension
+
+
+def assign_outputs(sources: Iterable[str], extension: str) -> dict[str, str]:
+    """Map source keys to output relpaths; sub-paths kept, unsafe segments neutralised.
+
+    Where two sources would meet (x.png and x.jpg written as JPEG), the one whose name
+    already has the output extension keeps it and the other keeps its own extension in
+    front: x.jpg -> x.jpg, x.png -> x.png.jpg. Ties beyond that get ~2, ~3 ...
+    """
+    wanted = {key: natural_output(safe_key(key), extension) for key in sources}
+    order = sorted(wanted, key=lambda key: (wanted[key] != safe_key(key), key))
+    taken: set[str] = set()
+    result: dict[str, str] = {}
+    for key in order:
+        candidate = wanted[key]
+        if candidate in taken:
+            candidate = safe_key(key) + extension
+            stem, ext = posixpath.splitext(candidate)
+            number = 2
+            while candidate in taken:
+                candidate = f"{stem}~{number}{ext}"
+                number += 1
+        taken.add(candidate)
+        result[key] = candidate
+    return result
+
+
+def choose_chunk_size(images: int, cores: int) -> int:
+    """Images per chunk from the image count and the cores (see the constants above)."""
+    if images <= 0:
+        return 1
+    balanced = math.ceil(images / (max(1, cores) * CHUNKS_PER_CORE))
+    capped = math.ceil(images / MAX_CHUNKS)
+    return max(1, capped, min(TARGET_CHUNK, balanced))
+
+
+def make_chunks(items: Sequence[ChunkItem], chunk_size: int) -> list[Chunk]:
+    if chunk_size < 1:
+        raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
+    return [
+        Chunk(index=number, items=tuple(items[start : start + chunk_size]))
+        for number, start in enumerate(range(0, len(items), chunk_size))
+    ]

@@ -1,0 +1,162 @@
+"""The small frozen models that travel between tasks, and the report.json contract."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pixelmill.spec import PipelineSpec, StageResources
+
+Status = Literal["ok", "failed", "skipped"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Job(Frozen):
+    """Where a run reads and writes, and what it makes. Small: it goes into every task."""
+
+    source: str
+    destination: str
+    run: str
+    spec: PipelineSpec = PipelineSpec()
+
+    def output_key(self, folder: str, relpath: str) -> str:
+        """Key under the destination root: <run>/<folder>/<relpath>."""
+        return f"{self.run}/{folder}/{relpath}"
+
+
+class ChunkItem(Frozen):
+    """One image of a chunk: its key under the source and its relative output path."""
+
+    source: str
+    output: str
+    version: str = ""
+
+
+class Chunk(Frozen):
+    index: int
+    items: tuple[ChunkItem, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.index:03d}"
+
+
+class ImageResult(Frozen):
+    """What happened to one source image; paths are relative to the run folder."""
+
+    source: str
+    status: Status
+    width: int | None = None
+    height: int | None = None
+    outputs: dict[str, str] = Field(default_factory=dict)
+    error: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def report_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"source": self.source, "status": self.status}
+        if self.width is not None:
+            entry["width"], entry["height"] = self.width, self.height
+        if self.outputs:
+            entry["outputs"] = dict(self.outputs)
+        if self.error:
+            entry["error"] = self.error
+        if self.notes:
+            entry["notes"] = list(self.notes)
+        return entry
+
+
+class ChunkResult(Frozen):
+    """A chunk after one stage: per image results, and the resources Ray gave the task."""
+
+    index: int
+    images: tuple[ImageResult, ...]
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class Plan(Frozen):
+    """What discovery found: the chunks to process and the objects refused up front."""
+
+    discovered: int
+    chunks: tuple[Chunk, ...]
+    rejected: tuple[ImageResult, ...] = ()
+    chunk_size: int
+
+
+class ChunkSummary(Frozen):
+    """Per chunk: its final state and the resources each stage ran with (report.json)."""
+
+    index: int
+    state: str
+    images: int
+    resources: dict[str, dict[str, float]] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class Counts(BaseModel):
+    discovered: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+class RunReport(BaseModel):
+    """report.json (see DESIGN.md): other tools read it, so keys only ever get added."""
+
+    run: str
+    source: str
+    destination: str
+    spec: PipelineSpec
+    counts: Counts
+    images: list[ImageResult]
+    duration_s: float
+    chunks: list[ChunkSummary] = Field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        job: Job,
+        discovered: int,
+        images: list[ImageResult],
+        duration_s: float,
+        chunks: list[ChunkSummary] | None = None,
+    ) -> RunReport:
+        images = sorted(images, key=lambda image: image.source)
+        counts = Counts(discovered=discovered)
+        for image in images:
+            setattr(counts, image.status, getattr(counts, image.status) + 1)
+        return cls(
+            run=job.run,
+            source=job.source,
+            destination=job.destination,
+            spec=job.spec,
+            counts=counts,
+            images=images,
+            duration_s=round(duration_s, 3),
+            chunks=chunks or [],
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "source": self.source,
+            "destination": self.destination,
+            "spec": self.spec.model_dump(mode="json"),
+            "counts": self.counts.model_dump(),
+            "images": [image.report_entry() for image in self.images],
+            "duration_s": self.duration_s,
+            "chunks": [chunk.model_dump(mode="json", exclude_none=True) for chunk in self.chunks],
+        }
+
+    @property
+    def failures(self) -> list[ImageResult]:
+        return [image for image in self.images if image.status == "failed"]
+
+
+__all__ = [
+    "Chunk", "ChunkItem", "ChunkResult", "ChunkSummary", "Counts", "ImageResult", "Job",
+    "PipelineSpec", "Plan", "RunReport", "StageResources",
+]

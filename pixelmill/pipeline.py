@@ -1,0 +1,132 @@
+"""The work of each stage on plain storage objects; tasks/ wraps these for Prefect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+
+from pixelmill.errors import ImageError
+from pixelmill.filters import filter_folder
+from pixelmill.imageops import (
+    SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
+)
+from pixelmill.layout import IMAGE_EXTENSIONS, assign_outputs, choose_chunk_size, make_chunks
+from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
+from pixelmill.storage import ObjectInfo, Storage
+
+log = logging.getLogger("pixelmill")
+
+
+def _looks_like_image_name(info: ObjectInfo) -> bool:
+    ext = posixpath.splitext(info.key)[1].lower()
+    return ext in IMAGE_EXTENSIONS or (info.content_type or "").startswith("image/")
+
+
+def _inside(child: str, parent: str) -> str | None:
+    """The key prefix of `child` inside `parent` if the destination lies in the source."""
+    parent = parent.rstrip("/") + "/"
+    return child[len(parent):].strip("/") + "/" if child.startswith(parent) else None
+
+
+def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,
+             cores: int = 1) -> Plan:
+    """List the source once, sniff each object's first bytes, write manifest.json, chunk it.
+
+    `chunk_size` None picks one from the image count and the cores (`choose_chunk_size`).
+    """
+    skip_prefix = _inside(destination.uri, source.uri)
+    accepted: list[tuple[ObjectInfo, str]] = []
+    rejected: list[ImageResult] = []
+    ignored: list[str] = []
+    discovered = 0
+    for info in source.list():
+        if skip_prefix and info.key.startswith(skip_prefix):
+            continue  # our own outputs, when DEST is inside SOURCE
+        if info.key.endswith("/") and info.size == 0:
+            continue  # a "folder" placeholder object
+        head = source.read_head(info.key, SNIFF_BYTES) if info.size else b""
+        fmt = sniff(head)
+        if fmt is None and not _looks_like_image_name(info):
+            ignored.append(info.key)
+            continue
+        discovered += 1
+        if fmt is None:
+            rejected.append(ImageResult(source=info.key, status="failed",
+                                        error=describe_non_image(head)))
+        else:
+            accepted.append((info, fmt))
+    outputs = assign_outputs((info.key for info, _ in accepted), job.spec.extension)
+    items = [ChunkItem(source=info.key, output=outputs[info.key], version=info.version)
+             for info, _ in accepted]
+    chunk_size = chunk_size or choose_chunk_size(len(items), cores)
+    chunks = make_chunks(items, chunk_size)
+    manifest = {
+        "run": job.run,
+        "source": job.source,
+        "images": [{"source": info.key, "output": outputs[info.key], "format": fmt,
+                    "bytes": info.size, "version": info.version} for info, fmt in accepted],
+        "rejected": [{"source": r.source, "error": r.error} for r in rejected],
+        "ignored": ignored,
+        "chunk_size": chunk_size,
+        "chunks": len(chunks),
+    }
+    destination.write(f"{job.run}/manifest.json", json.dumps(manifest, indent=1).encode(),
+                       "application/json")
+    return Plan(discovered=discovered, chunks=tuple(chunks), rejected=tuple(rejected),
+                chunk_size=chunk_size)
+
+
+def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
+                  destination: Storage) -> list[ImageResult]:
+    """Resize each image of a chunk; a bad image is a failed result, storage errors raise."""
+    spec = job.spec
+    results = []
+    for item in items:
+        try:
+            data = source.read(item.source)
+        except FileNotFoundError:
+            results.append(ImageResult(source=item.source, status="failed",
+                                       error="vanished from the source after it was listed"))
+            continue
+        try:
+            rendered = render_resized(data, spec)
+        except ImageError as exc:
+            log.warning("%s: %s", item.source, exc)
+            results.append(ImageResult(source=item.source, status="failed", error=str(exc)))
+            continue
+        output = f"resized/{item.output}"
+        destination.write(f"{job.run}/{output}", rendered.data, spec.content_type)
+        results.append(ImageResult(source=item.source, status="ok", width=rendered.width,
+                                   height=rendered.height, outputs={"resized": output},
+                                   notes=tuple(rendered.notes)))
+    return results
+
+
+def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[ImageResult]:
+    """Apply every requested filter to each resized image of a chunk and write the variants."""
+    spec = job.spec
+    results = []
+    for image in resized.images:
+        if image.status != "ok":
+            results.append(image)
+            continue
+        try:
+            pixels = decode(destination.read(f"{job.run}/{image.outputs['resized']}"))
+            variants = render_filters(pixels, spec)
+        except ImageError as exc:
+            results.append(image.model_copy(update={"status": "failed",
+                                                    "error": f"filter stage: {exc}"}))
+            continue
+        relpath = image.outputs["resized"].removeprefix("resized/")
+        outputs = dict(image.outputs)
+        for folder, data in variants.items():
+            outputs[folder] = f"{folder}/{relpath}"
+            destination.write(f"{job.run}/{folder}/{relpath}", data, spec.content_type)
+        results.append(image.model_copy(update={"outputs": outputs}))
+    return results
+
+
+def expected_outputs(job: Job) -> list[str]:
+    """The output folders every ok image has, in report order."""
+    return ["resized", *(filter_folder(name) for name in job.spec.filters)]

@@ -1,0 +1,100 @@
+"""What a run should produce: sizes, fit, filters, format. Small frozen pydantic models."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pixelmill.errors import UsageError
+
+Fit = Literal["contain", "cover", "fill"]
+OutputFormat = Literal["jpeg", "png", "webp", "avif"]
+
+# Largest output side we accept; beyond this a "thumbnail pipeline" is a mistake, and a
+# typo such as 40000x30000 would make every worker allocate gigabytes.
+MAX_OUTPUT_SIDE = 16384
+
+EXTENSIONS: dict[str, str] = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "avif": ".avif"}
+CONTENT_TYPES: dict[str, str] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse 'WxH' (e.g. '400x300') into (width, height) in pixels."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
+    if not match:
+        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 400x300")
+    width, height = int(match[1]), int(match[2])
+    if not (1 <= width <= MAX_OUTPUT_SIDE and 1 <= height <= MAX_OUTPUT_SIDE):
+        raise UsageError(
+            f"--size {text!r}: each side must be between 1 and {MAX_OUTPUT_SIDE} pixels"
+        )
+    return width, height
+
+
+class PipelineSpec(Frozen):
+    """The settings of one run; part of report.json and of every chunk's cache key."""
+
+    size: tuple[int, int] = (400, 300)
+    fit: Fit = "contain"
+    filters: tuple[str, ...] = ()
+    format: OutputFormat = "jpeg"
+    quality: int = Field(85, ge=1, le=100)
+    upscale: bool = False
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_size(value)
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        return parse_size(f"{value[0]}x{value[1]}")
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _filters(cls, value: object) -> object:
+        from pixelmill.filters import canonical_filter
+
+        if isinstance(value, str):
+            value = [value]
+        names = [canonical_filter(str(name)) for name in value]  # type: ignore[union-attr]
+        return tuple(dict.fromkeys(names))  # keep order, drop repeats
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+
+class StageResources(Frozen):
+    """What one chunk task of a stage asks Ray for (Lattice's cpu / gpu / cpu_mem)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_mb: int | None = Field(None, ge=1)
+
+    def ray_options(self) -> dict[str, float | int]:
+        """Keyword arguments for `prefect_ray.context.remote_options` / `ray.remote`."""
+        options: dict[str, float | int] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.memory_mb:
+            options["memory"] = self.memory_mb * 1024 * 1024
+        return options

@@ -1,0 +1,82 @@
+"""The four tasks of a run. Each opens storage from the job's URIs and calls pixelmill/."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from pixelmill import gallery, pipeline
+from pixelmill.models import Chunk, ChunkResult, ImageResult, Job, Plan, RunReport
+from pixelmill.storage import open_storage
+
+# Storage I/O can fail transiently (throttling, a dropped connection): retry the chunk
+# with exponential backoff (2, 4, 8 s) and +-50 % jitter so retries of many chunks spread out.
+# Chunks are idempotent (same output names, atomic writes), so a retry is always safe.
+STORAGE_RETRIES = 3
+RETRY_DELAYS = exponential_backoff(backoff_factor=2)
+RETRY_JITTER = 0.5
+_RETRYING = {
+    "retries": STORAGE_RETRIES,
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_jitter_factor": RETRY_JITTER,
+    "cache_policy": NO_CACHE,
+}
+
+
+def ray_resources() -> dict[str, float]:
+    """The resources Ray assigned to the task running now ({} outside a Ray worker)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        context = ray.get_runtime_context()
+        if context.worker.mode != ray.WORKER_MODE:
+            return {}
+        return {name: float(amount) for name, amount in context.get_assigned_resources().items()}
+    except Exception:  # resources are information, never a reason to fail a chunk
+        return {}
+
+
+def _log_failures(images: list[ImageResult], stage: str, label: str) -> None:
+    logger = get_run_logger()
+    failed = [image for image in images if image.status == "failed"]
+    for image in failed:
+        logger.warning("%s chunk %s: %s: %s", stage, label, image.source, image.error)
+    logger.info("%s chunk %s: %d images, %d failed", stage, label, len(images), len(failed))
+
+
+@task(name="discover", **_RETRYING)
+def discover(job: Job, chunk_size: int | None = None, cores: int = 1) -> Plan:
+    """List and sniff the source, write manifest.json, return chunks of keys."""
+    plan = pipeline.discover(open_storage(job.source), open_storage(job.destination), job,
+                             chunk_size, cores)
+    get_run_logger().info(
+        "%d images in %d chunks of up to %d (%d refused at discovery)",
+        plan.discovered, len(plan.chunks), plan.chunk_size, len(plan.rejected),
+    )
+    return plan
+
+
+@task(name="resize-chunk", task_run_name="resize-chunk-{chunk.index:03d}", **_RETRYING)
+def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
+    """Resize every image of one chunk into <run>/resized/."""
+    images = pipeline.resize_images(chunk.items, job, open_storage(job.source),
+                                    open_storage(job.destination))
+    _log_failures(images, "resize", chunk.label)
+    return ChunkResult(index=chunk.index, images=tuple(images), resources=ray_resources())
+
+
+@task(name="filter-chunk", task_run_name="filter-chunk-{resized.index:03d}", **_RETRYING)
+def filter_chunk(job: Job, resized: ChunkResult) -> ChunkResult:
+    """Apply every requested filter to one resized chunk into <run>/<filter>/."""
+    images = pipeline.filter_images(resized, job, open_storage(job.destination))
+    _log_failures(images, "filter", f"{resized.index:03d}")
+    return ChunkResult(index=resized.index, images=tuple(images), resources=ray_resources())
+
+
+@task(name="build-gallery", **_RETRYING)
+def build_gallery(report: RunReport) -> str:
+    """Write the gallery page, contact sheets and report.json; returns the index key."""
+    return gallery.build_gallery(report, open_storage(report.destination))
