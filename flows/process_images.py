@@ -19,23 +19,16 @@ from pixelmill import progress
 from pixelmill.errors import UsageError
 from pixelmill.layout import check_run_name, run_stamp
 from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
-from pixelmill.spec import PipelineSpec, StageResources
+from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
-
-RUNNERS = ("ray", "threads", "sequential")
-
 
 def make_task_runner(runner: str = "ray", ray_address: str | None = None):
     """The task runner for `--runner`: Ray (local or `ray_address`), threads, or one thread."""
-    if runner == "ray":
+    if check_runner(runner) == "ray":
         return RayTaskRunner(address=ray_address or os.environ.get("RAY_ADDRESS"),
                              init_kwargs={"log_to_driver": False,
-                                                        "logging_level": logging.WARNING})
-    if runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1)
-    if runner == "sequential":
-        return ThreadPoolTaskRunner(max_workers=1)
-    raise UsageError(f"--runner {runner!r}: choose from {', '.join(RUNNERS)}")
+                                          "logging_level": logging.WARNING})
+    return ThreadPoolTaskRunner(max_workers=(os.cpu_count() or 1) if runner == "threads" else 1)
 
 
 def _on_ray() -> bool:

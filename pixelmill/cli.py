@@ -21,7 +21,7 @@ from pixelmill import server
 from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
 from pixelmill.models import ChunkResult, RunReport
-from pixelmill.spec import PipelineSpec, parse_size
+from pixelmill.spec import PipelineSpec, check_runner, parse_size
 from pixelmill.storage import LocalStorage, is_gcs, open_storage
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
@@ -31,8 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Batch image pipeline on Prefect + Ray: resize, filter, gallery.")
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server pixelmill starts.")
 app.add_typer(server_app, name="server")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 class Fail(Exception):
@@ -110,6 +110,7 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     """Run the flow in this process with a progress bar; returns (exit status, report)."""
     from pixelmill.layout import check_run_name
 
+    check_runner(runner)
     _check_source(source)
     open_storage(dest)
     if run_name:

@@ -11,6 +11,8 @@ from pixelmill.errors import UsageError
 
 Fit = Literal["contain", "cover", "fill"]
 OutputFormat = Literal["jpeg", "png", "webp", "avif"]
+# Task runners: Ray (the default), a thread pool, or one thread (Lattice's "sequential" row).
+RUNNERS = ("ray", "threads", "sequential")
 
 # Largest output side we accept; beyond this a "thumbnail pipeline" is a mistake, and a
 # typo such as 40000x30000 would make every worker allocate gigabytes.
@@ -27,6 +29,12 @@ CONTENT_TYPES: dict[str, str] = {
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def check_runner(runner: str) -> str:
+    if runner not in RUNNERS:
+        raise UsageError(f"--runner {runner!r}: choose from {', '.join(RUNNERS)}")
+    return runner
 
 
 def parse_size(text: str) -> tuple[int, int]:
