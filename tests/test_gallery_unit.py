@@ -1,0 +1,178 @@
+"""Unit tests of the gallery (index.html, contact sheet, report.json) on a tmp LocalStorage."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from PIL import Image
+
+from pixelmill.gallery import build_gallery, render_index
+from pixelmill.models import ImageResult, Job, RunReport
+from pixelmill.spec import PipelineSpec
+from pixelmill.storage import LocalStorage
+from tests.helpers import decode, encode
+
+RUN = "20261121T2230Z"
+HOSTILE = "<img src=x onerror=alert(1)>.jpg"
+AWKWARD = "trips/a #1?x=50% off.jpg"
+RED, BLUE = (220, 20, 20), (20, 20, 220)
+
+
+class _Links(HTMLParser):
+    """Every href / src in a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.links += [value for name, value in attrs if name in ("href", "src") and value]
+
+
+def _links(page: str) -> _Links:
+    parser = _Links()
+    parser.feed(page)
+    return parser
+
+
+@pytest.fixture
+def dest(tmp_path) -> LocalStorage:
+    return LocalStorage(tmp_path / "dest")
+
+
+@pytest.fixture
+def report(dest) -> RunReport:
+    """A run with two ok images (resized files really written), one failure, one skip."""
+    job = Job(source="/photos", destination=dest.uri, run=RUN,
+              spec=PipelineSpec(size=(40, 30), filters=("blur",)))
+    images = []
+    for source, colour in [(AWKWARD, RED), (HOSTILE, BLUE)]:
+        outputs = {"resized": f"resized/{source}", "blur": f"blur/{source}"}
+        for path in outputs.values():
+            dest.write(f"{RUN}/{path}", encode(Image.new("RGB", (40, 30), colour), "jpeg"),
+                       "image/jpeg")
+        images.append(ImageResult(source=source, status="ok", width=40, height=30,
+                                  outputs=outputs))
+    images.append(ImageResult(source="broken<b>.jpg", status="failed",
+                              error="cannot decode JPEG: image file is truncated"))
+    images.append(ImageResult(source="old.jpg", status="skipped"))
+    return RunReport.build(job, discovered=4, images=images, duration_s=1.23456)
+
+
+def test_render_index_escapes_hostile_names(report):
+    page = render_index(report, [])
+    assert "<img src=x" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page
+    # Only the tags we write: the hostile name did not add an element.
+    assert set(_links(page).tags) <= {"html", "head", "meta", "title", "style", "body", "header",
+                                      "h1", "div", "span", "a", "main", "h2", "table", "tr",
+                                      "th", "td", "figure", "img", "figcaption", "p"}
+    assert _links(page).tags.count("img") == 2
+
+
+def test_render_index_links_are_relative_and_quoted(report):
+    page = render_index(report, ["gallery/contact-sheet-01.jpg"])
+    assert 'href="../resized/trips/a%20%231%3Fx%3D50%25%20off.jpg"' in page
+    assert 'src="../resized/trips/a%20%231%3Fx%3D50%25%20off.jpg"' in page
+    assert 'href="../blur/trips/a%20%231%3Fx%3D50%25%20off.jpg"' in page
+    assert 'href="contact-sheet-01.jpg"' in page
+    for link in _links(page).links:
+        parts = urlsplit(link)
+        assert not parts.scheme and not parts.netloc, link
+        assert not link.startswith("/"), link
+        assert not parts.query and not parts.fragment, link  # '?' and '#' were quoted
+
+
+def test_render_index_lists_failures_with_reasons(report):
+    page = render_index(report, [])
+    assert "Failed (1)" in page
+    assert "<td>broken&lt;b&gt;.jpg</td><td>cannot decode JPEG: image file is truncated</td>" in page
+    assert "old.jpg" not in page.split("<h2>Images")[1]  # skipped is not a gallery image
+    assert "2 ok" in page and "1 failed" in page and "1 skipped" in page
+
+
+def test_render_index_without_failures_has_no_failure_table(report):
+    clean = report.model_copy(update={"images": [i for i in report.images if i.status == "ok"]})
+    assert "Failed (" not in render_index(clean, [])
+
+
+def test_build_gallery_writes_page_sheet_and_report(report, dest):
+    index_key = build_gallery(report, dest)
+    assert index_key == f"{RUN}/gallery/index.html"
+    files = {info.key for info in dest.list()}
+    assert {f"{RUN}/gallery/index.html", f"{RUN}/gallery/contact-sheet-01.jpg",
+            f"{RUN}/report.json"} <= files
+    assert f"{RUN}/gallery/contact-sheet-02.jpg" not in files
+
+    sheet = decode(dest.read(f"{RUN}/gallery/contact-sheet-01.jpg"))
+    assert sheet.format == "JPEG" and sheet.mode == "RGB"
+    assert sheet.size == (6 * 208, 1 * 178)  # one row of six 200x150 tiles with margins
+    # The two ok images are on it, in report order (sorted by source), centred in their tiles.
+    first, second = sorted([(AWKWARD, RED), (HOSTILE, BLUE)])
+    for slot, (_, colour) in enumerate([first, second]):
+        pixel = sheet.getpixel((slot * 208 + 4 + 100, 4 + 75))
+        assert all(abs(a - b) < 40 for a, b in zip(pixel, colour)), (slot, pixel)
+    assert all(abs(a - b) < 20 for a, b in zip(sheet.getpixel((3 * 208 + 104, 79)), (32,) * 3))
+
+
+def test_every_gallery_link_resolves_to_a_written_file(report, dest):
+    build_gallery(report, dest)
+    page = dest.read(f"{RUN}/gallery/index.html").decode("utf-8")
+    links = _links(page).links
+    assert len(links) >= 6
+    for link in links:
+        target = dest.root / RUN / "gallery" / unquote(link)
+        assert target.resolve().is_file(), link
+
+
+def test_report_json_follows_the_contract(report, dest):
+    build_gallery(report, dest)
+    data = json.loads(dest.read(f"{RUN}/report.json"))
+    assert {"run", "source", "destination", "spec", "counts", "images", "duration_s"} <= set(data)
+    assert data["run"] == RUN and data["source"] == "/photos" and data["destination"] == dest.uri
+    spec = data["spec"]
+    assert {"size", "fit", "filters", "format", "quality"} <= set(spec)
+    assert spec["size"] == [40, 30] and spec["fit"] == "contain" and spec["filters"] == ["blur"]
+    assert spec["format"] == "jpeg" and spec["quality"] == 85
+    assert data["counts"] == {"discovered": 4, "ok": 2, "failed": 1, "skipped": 1}
+    assert data["duration_s"] == 1.235
+
+    by_source = {entry["source"]: entry for entry in data["images"]}
+    assert [entry["source"] for entry in data["images"]] == sorted(by_source)
+    ok = by_source[HOSTILE]
+    assert ok == {"source": HOSTILE, "status": "ok", "width": 40, "height": 30,
+                  "outputs": {"resized": f"resized/{HOSTILE}", "blur": f"blur/{HOSTILE}"}}
+    for path in ok["outputs"].values():  # output paths are relative to the run folder
+        assert dest.exists(f"{RUN}/{path}")
+    assert by_source["broken<b>.jpg"] == {"source": "broken<b>.jpg", "status": "failed",
+                                          "error": "cannot decode JPEG: image file is truncated"}
+    assert by_source["old.jpg"] == {"source": "old.jpg", "status": "skipped"}
+
+
+def test_missing_resized_file_does_not_break_the_gallery(report, dest):
+    (dest.root / RUN / "resized" / HOSTILE).unlink()
+    build_gallery(report, dest)
+    sheet = decode(dest.read(f"{RUN}/gallery/contact-sheet-01.jpg"))
+    assert sheet.size == (6 * 208, 178)
+    assert dest.exists(f"{RUN}/report.json")
+
+
+def test_many_images_make_several_sheets(dest):
+    job = Job(source="/photos", destination=dest.uri, run="many")
+    tile = encode(Image.new("RGB", (20, 15), RED), "jpeg")
+    images = []
+    for number in range(49):  # one more than a 6 x 8 sheet holds
+        path = f"resized/{number:02d}.jpg"
+        dest.write(f"many/{path}", tile, "image/jpeg")
+        images.append(ImageResult(source=f"{number:02d}.jpg", status="ok", width=20, height=15,
+                                  outputs={"resized": path}))
+    build_gallery(RunReport.build(job, 49, images, 0.5), dest)
+    assert decode(dest.read("many/gallery/contact-sheet-01.jpg")).size == (6 * 208, 8 * 178)
+    assert decode(dest.read("many/gallery/contact-sheet-02.jpg")).size == (6 * 208, 178)
+    page = dest.read("many/gallery/index.html").decode()
+    assert 'href="contact-sheet-02.jpg"' in page
