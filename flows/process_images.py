@@ -139,7 +139,19 @@ def process_images(
 
 
 if __name__ == "__main__":
+    # python -m flows.process_images [SOURCE] [DEST]: defaults to the demo's sample photos.
     import sys
+    from pathlib import Path
 
-    process_images(sys.argv[1] if len(sys.argv) > 1 else "samples",
-                   sys.argv[2] if len(sys.argv) > 2 else "out")
+    from pixelmill.samples import write_demo_set
+    from pixelmill.server import ensure_api
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api_url, _ = ensure_api()  # Prefect read its settings at import: point it at the server
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "pixelmill-demo/samples")
+    if len(sys.argv) <= 1 and not source.is_dir():
+        write_demo_set(source)
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        process_images(str(source), sys.argv[2] if len(sys.argv) > 2 else "pixelmill-demo/runs",
+                       spec=PipelineSpec(filters=("blur", "sharpen", "contour", "emboss")))

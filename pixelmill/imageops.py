@@ -7,6 +7,7 @@ nothing here touches storage, Prefect or Ray.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -60,13 +61,23 @@ def describe_non_image(head: bytes) -> str:
         return "not an image (a PDF document)"
     if head[4:8] == b"ftyp":
         return f"not an image we read (an ISO media file, brand {head[8:12].decode('latin-1')!r})"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"not an image (starts with bytes {head[:8].hex(' ')})"
-    if text.isprintable() or set(text) <= set(text.strip() + " \t\r\n"):
+    text = _as_text(head)
+    if text is not None:
         return f"not an image (text starting {text[:16].strip()!r})"
     return f"not an image (starts with bytes {head[:8].hex(' ')})"
+
+
+def _as_text(head: bytes) -> str | None:
+    """The head as text if it is printable UTF-8 (a character cut at the end is allowed)."""
+    for cut in range(4):  # a UTF-8 character is at most 4 bytes
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text and all(char.isprintable() or char in "\t\r\n" for char in text):
+            return text
+        return None
+    return None
 
 
 @dataclass
@@ -76,6 +87,11 @@ class Opened:
     image: Image.Image
     format: str
     notes: list[str] = field(default_factory=list)
+
+
+def _too_big(pixels: int, what: str = "") -> str:
+    return (f"refused: {what}{pixels / 1e6:.0f} MP, above the {MAX_PIXELS / 1e6:.0f} MP limit "
+            "(a decompression bomb or a scan too large to resize)")
 
 
 def open_image(data: bytes) -> Opened:
@@ -89,16 +105,15 @@ def open_image(data: bytes) -> Opened:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[fmt])
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"refused: {exc}") from None
+    except Image.DecompressionBombError as exc:  # above Pillow's own (higher) limit
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(declared[1]) if declared else MAX_PIXELS + 1
+        raise ImageError(_too_big(pixels)) from None
     except Exception as exc:  # Pillow raises many types for a bad header
         raise ImageError(f"cannot read {fmt} header: {exc}") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"refused: {width}x{height} is {width * height / 1e6:.0f} MP, above the "
-            f"{MAX_PIXELS / 1e6:.0f} MP limit (a decompression bomb or a scan too large to resize)"
-        )
+        raise ImageError(_too_big(width * height, f"{width}x{height} is "))
     opened = Opened(image=image, format=fmt)
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
@@ -180,13 +195,17 @@ def to_working_mode(image: Image.Image) -> Image.Image:
         converted = image.convert("RGB")
         converted.info.pop("icc_profile", None)
         return converted
-    if mode.startswith("I") or mode == "F":
-        wide = image if mode == "F" else image.convert("I")
-        low, high = wide.getextrema()
-        if high > 255 or low < 0:
-            top = 65535 if mode.startswith("I;16") or (mode == "I" and high <= 65535) else high
-            wide = wide.point(lambda value: value * (255.0 / max(top, 1)))
-        return wide.convert("L")
+    if mode.startswith("I;16"):  # 16-bit by declaration: 0..65535 maps onto 0..255
+        return image.convert("I").point(lambda value: value * (255.0 / 65535)).convert("L")
+    if mode in ("I", "F"):  # unknown range: scale by what the values need
+        low, high = image.getextrema()
+        if mode == "F" and 0 <= low and high <= 1.0:
+            top = 1.0
+        elif high <= 255 and low >= 0:
+            top = 255.0
+        else:
+            top = 65535.0 if 0 <= low and high <= 65535 else float(high)
+        return image.point(lambda value: value * (255.0 / max(top, 1e-9))).convert("L")
     return image.convert("RGBA" if "A" in mode else "RGB")
 
 

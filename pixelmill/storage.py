@@ -82,9 +82,9 @@ class LocalStorage:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return
-        for folder, dirs, files in os.walk(base):
-            dirs.sort()
-            for name in sorted(files):
+        found = []
+        for folder, _dirs, files in os.walk(base):
+            for name in files:
                 if name.startswith(TEMP_PREFIX):
                     continue
                 path = Path(folder, name)
@@ -93,7 +93,8 @@ class LocalStorage:
                 except OSError:
                     continue  # vanished or a dangling link
                 key = path.relative_to(self.root).as_posix()
-                yield ObjectInfo(key, stat.st_size, None, str(stat.st_mtime_ns))
+                found.append(ObjectInfo(key, stat.st_size, None, str(stat.st_mtime_ns)))
+        yield from sorted(found, key=lambda info: info.key)  # the order GCS lists in
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()

@@ -86,3 +86,13 @@ def test_resize_one_image(tmp_path):
     result = pixelmill("resize", str(bad), str(tmp_path / "bad-out.jpg"))
     assert result.returncode == 1 and "not an image" in result.stderr
     assert not (tmp_path / "bad-out.jpg").exists()
+
+
+@pytest.mark.slow
+def test_check_reports_ray_prefect_and_storage(tmp_path, prefect_api):
+    result = pixelmill("check", "--storage", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "ok Prefect API answers" in result.stdout
+    assert "ok Ray ran a remote task" in result.stdout
+    assert f"ok storage {tmp_path} is writable" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # the probe object is cleaned up
