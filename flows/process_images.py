@@ -7,6 +7,7 @@ import os
 import time
 
 from prefect import flow, get_run_logger
+from prefect.blocks.core import Block
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
@@ -21,6 +22,7 @@ from pixelmill.layout import check_run_name, run_stamp
 from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
+from tasks.images import CHUNK_CACHE
 
 def make_task_runner(runner: str = "ray", ray_address: str | None = None):
     """The task runner for `--runner`: Ray (local or `ray_address`), threads, or one thread."""
@@ -85,6 +87,16 @@ def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | 
     return images, summary, None
 
 
+def _persisting(result_storage: str | None):
+    """The chunk tasks, persisting results and caching finished chunks in a storage block
+    ("gcs-bucket/NAME") when one is given."""
+    if not result_storage:
+        return resize_chunk, filter_chunk
+    block = Block.load(result_storage)
+    options = {"result_storage": block, "persist_result": True, "cache_policy": CHUNK_CACHE}
+    return resize_chunk.with_options(**options), filter_chunk.with_options(**options)
+
+
 @flow(name="process-images", task_runner=make_task_runner("ray"), log_prints=True)
 def process_images(
     source: str,
@@ -94,12 +106,16 @@ def process_images(
     chunk_size: int | None = None,
     resize_resources: StageResources = StageResources(),
     filter_resources: StageResources = StageResources(),
+    gcp_credentials_block: str | None = None,
+    result_storage: str | None = None,
 ) -> RunReport:
     """Resize and filter every image under `source` into `destination`/<run>/ with a gallery."""
     started = time.monotonic()
     logger = get_run_logger()
     run = check_run_name(run_name) if run_name else run_stamp(flow_run.scheduled_start_time)
-    job = Job(source=source, destination=destination, run=run, spec=spec)
+    job = Job(source=source, destination=destination, run=run, spec=spec,
+              gcp_credentials_block=gcp_credentials_block)
+    resize_task, filter_task = _persisting(result_storage)
     cluster = _cluster_resources()
     _check_resources({"resize": resize_resources, "filter": filter_resources}, cluster)
 
@@ -108,11 +124,11 @@ def process_images(
     progress.planned(len(plan.chunks), images, len(plan.rejected))
 
     with remote_options(**resize_resources.ray_options()):
-        resized = [resize_chunk.submit(job, chunk) for chunk in plan.chunks]
+        resized = [resize_task.submit(job, chunk) for chunk in plan.chunks]
     last = resized
     if spec.filters:
         with remote_options(**filter_resources.ray_options()):
-            last = [filter_chunk.submit(job, future) for future in resized]
+            last = [filter_task.submit(job, future) for future in resized]
 
     position = {future: number for number, future in enumerate(last)}
     results: list[ImageResult] = list(plan.rejected)
@@ -128,7 +144,7 @@ def process_images(
 
     report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
                              sorted(summaries, key=lambda summary: summary.index))
-    index = build_gallery(report)
+    index = build_gallery(job, report)
     logger.info("%d ok, %d failed; gallery at %s/%s", report.counts.ok, report.counts.failed,
                 destination.rstrip("/"), index)
     failed_chunks = [summary for summary in summaries if summary.state != "Completed"]

@@ -8,6 +8,7 @@ flows are imported only inside the commands that run them, after the API is set 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -100,19 +101,30 @@ def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
 
 
 def _check_source(source: str) -> None:
-    if not is_gcs(source) and not Path(source).is_dir():
-        raise UsageError(f"SOURCE {source}: no such folder; give a folder of images or gs://bucket/prefix")
+    """Fail before anything starts when SOURCE cannot be listed (exit 2, nothing written)."""
+    if not is_gcs(source):
+        if not Path(source).is_dir():
+            raise UsageError(f"SOURCE {source}: no such folder; give a folder of images or "
+                             "gs://bucket/prefix")
+        return
+    try:
+        next(iter(open_storage(source).list()), None)
+    except PermissionError as exc:  # StorageAccessError: credentials, permission, no bucket
+        raise UsageError(f"SOURCE {source}: {exc}") from None
 
 
 def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
             ray_address: str | None = None, run_name: str | None = None,
-            chunk_size: int | None = None, verbose: bool = False) -> tuple[int, RunReport | None]:
+            chunk_size: int | None = None, verbose: bool = False,
+            gcp_credentials_block: str | None = None,
+            result_storage: str | None = None) -> tuple[int, RunReport | None]:
     """Run the flow in this process with a progress bar; returns (exit status, report)."""
     from pixelmill.layout import check_run_name
 
     check_runner(runner)
-    _check_source(source)
-    open_storage(dest)
+    if not gcp_credentials_block:
+        _check_source(source)  # with a block, Prefect must be up first to load it
+    open_storage(dest, destination=True)
     if run_name:
         check_run_name(run_name)
     if chunk_size is not None and chunk_size < 1:
@@ -129,7 +141,8 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     try:
         with listener.bar:
             state = flow(source=source, destination=dest, spec=spec, run_name=run_name,
-                         chunk_size=chunk_size, return_state=True)
+                         chunk_size=chunk_size, gcp_credentials_block=gcp_credentials_block,
+                         result_storage=result_storage, return_state=True)
     finally:
         progress.unlisten(listener)
     elapsed = time.monotonic() - started
@@ -193,13 +206,19 @@ def run(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address",
                                                        envvar="RAY_ADDRESS")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name")] = None,
+    gcp_credentials_block: Annotated[Optional[str], typer.Option(
+        "--gcp-credentials-block", help="a prefect-gcp GcpCredentials block; default: ADC")] = None,
+    result_storage: Annotated[Optional[str], typer.Option(
+        "--result-storage", help="persist chunk results in this block, e.g. gcs-bucket/NAME")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Resize (and filter) every image under SOURCE into DEST/<run>/ with a gallery."""
     def command() -> int:
         spec = _spec(size, fit, filter, format, quality, upscale)
         return execute(source, dest, spec, runner=runner, ray_address=ray_address,
-                       run_name=run_name, chunk_size=chunk_size, verbose=verbose)[0]
+                       run_name=run_name, chunk_size=chunk_size, verbose=verbose,
+                       gcp_credentials_block=gcp_credentials_block,
+                       result_storage=result_storage)[0]
     _guard(command)
 
 
@@ -299,6 +318,47 @@ def check(
             problems += 1
             out.print(f"[red]failed[/red] storage {storage}: {exc}")
         return EXIT_RUN_FAILED if problems else EXIT_OK
+    _guard(command)
+
+
+@app.command("gcs-emulator")
+def gcs_emulator(
+    bucket: Annotated[Optional[list[str]], typer.Option("--bucket", help="create it (repeatable)")] = None,
+    samples: Annotated[Optional[str], typer.Option(
+        "--samples", help="upload the demo photos to this gs://bucket/prefix")] = None,
+    port: Annotated[Optional[int], typer.Option("--port")] = None,
+) -> None:
+    """Run a local GCS emulator (fake-gcs-server) in the foreground, for trying gs:// paths."""
+    import signal
+
+    from pixelmill.emulator import Emulator, export_line
+
+    def command() -> int:
+        with Emulator(port) as emulator:
+            client = emulator.client()
+            for name in bucket or []:
+                client.create_bucket(name)
+            if samples:
+                from pixelmill.gcs import split_uri
+                from pixelmill.samples import write_demo_set
+
+                name, prefix = split_uri(samples)
+                target = client.bucket(name)
+                with tempfile.TemporaryDirectory() as folder:
+                    for path in write_demo_set(Path(folder)):
+                        key = f"{prefix.rstrip('/')}/{path.relative_to(folder).as_posix()}"
+                        content = "image/png" if path.suffix == ".png" else "image/jpeg"
+                        target.blob(key.lstrip("/")).upload_from_filename(str(path), content_type=content)
+                out.print(f"uploaded the demo photos to {samples}")
+            out.print(f"GCS emulator on {emulator.url} (objects live in memory; Ctrl-C stops it)")
+            out.print(export_line(emulator))
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop it cleanly too
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return EXIT_OK
     _guard(command)
 
 

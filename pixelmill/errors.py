@@ -9,3 +9,7 @@ class UsageError(ValueError):
 
 class ImageError(Exception):
     """One image cannot be processed; the message is the reason a person reads in the report."""
+
+
+class StorageAccessError(PermissionError):
+    """Credentials, permission or a missing bucket: retrying cannot help. Names the bucket."""

@@ -22,6 +22,7 @@ class Job(Frozen):
     destination: str
     run: str
     spec: PipelineSpec = PipelineSpec()
+    gcp_credentials_block: str | None = None  # a prefect-gcp GcpCredentials block, else ADC
 
     def output_key(self, folder: str, relpath: str) -> str:
         """Key under the destination root: <run>/<folder>/<relpath>."""

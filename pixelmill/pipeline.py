@@ -13,9 +13,13 @@ from pixelmill.imageops import (
 )
 from pixelmill.layout import IMAGE_EXTENSIONS, assign_outputs, choose_chunk_size, make_chunks
 from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
+from pixelmill.overlap import Writer, prefetched, threaded_map
 from pixelmill.storage import ObjectInfo, Storage
 
 log = logging.getLogger("pixelmill")
+# Concurrent first-bytes reads at discovery: on GCS each is a round trip (~ms), so a listing
+# of thousands is sniffed in seconds; locally it costs nothing.
+SNIFF_THREADS = 16
 
 
 def _looks_like_image_name(info: ObjectInfo) -> bool:
@@ -36,26 +40,25 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
     `chunk_size` None picks one from the image count and the cores (`choose_chunk_size`).
     """
     skip_prefix = _inside(destination.uri, source.uri)
+    listed = [info for info in source.list()
+              if not (skip_prefix and info.key.startswith(skip_prefix))  # our own outputs
+              and not (info.key.endswith("/") and info.size == 0)]  # "folder" placeholders
+    heads = threaded_map(lambda info: source.read_head(info.key, SNIFF_BYTES) if info.size else b"",
+                         listed, SNIFF_THREADS)
+    sniffed = list(zip(listed, heads))
     accepted: list[tuple[ObjectInfo, str]] = []
     rejected: list[ImageResult] = []
     ignored: list[str] = []
-    discovered = 0
-    for info in source.list():
-        if skip_prefix and info.key.startswith(skip_prefix):
-            continue  # our own outputs, when DEST is inside SOURCE
-        if info.key.endswith("/") and info.size == 0:
-            continue  # a "folder" placeholder object
-        head = source.read_head(info.key, SNIFF_BYTES) if info.size else b""
+    for info, head in sniffed:
         fmt = sniff(head)
-        if fmt is None and not _looks_like_image_name(info):
-            ignored.append(info.key)
-            continue
-        discovered += 1
-        if fmt is None:
+        if fmt is not None:
+            accepted.append((info, fmt))
+        elif _looks_like_image_name(info):
             rejected.append(ImageResult(source=info.key, status="failed",
                                         error=describe_non_image(head)))
         else:
-            accepted.append((info, fmt))
+            ignored.append(info.key)
+    discovered = len(accepted) + len(rejected)
     outputs = assign_outputs((info.key for info, _ in accepted), job.spec.extension)
     items = [ChunkItem(source=info.key, output=outputs[info.key], version=info.version)
              for info, _ in accepted]
@@ -79,27 +82,28 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
 
 def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                   destination: Storage) -> list[ImageResult]:
-    """Resize each image of a chunk; a bad image is a failed result, storage errors raise."""
+    """Resize each image of a chunk; a bad image is a failed result, storage errors raise.
+
+    Sources are read one ahead and outputs written in the background (`overlap`)."""
     spec = job.spec
     results = []
-    for item in items:
-        try:
-            data = source.read(item.source)
-        except FileNotFoundError:
-            results.append(ImageResult(source=item.source, status="failed",
-                                       error="vanished from the source after it was listed"))
-            continue
-        try:
-            rendered = render_resized(data, spec)
-        except ImageError as exc:
-            log.warning("%s: %s", item.source, exc)
-            results.append(ImageResult(source=item.source, status="failed", error=str(exc)))
-            continue
-        output = f"resized/{item.output}"
-        destination.write(f"{job.run}/{output}", rendered.data, spec.content_type)
-        results.append(ImageResult(source=item.source, status="ok", width=rendered.width,
-                                   height=rendered.height, outputs={"resized": output},
-                                   notes=tuple(rendered.notes)))
+    with Writer(destination.write) as writer:
+        for item, data in prefetched(items, lambda item: source.read(item.source)):
+            try:
+                rendered = render_resized(data.result(), spec)
+            except FileNotFoundError:
+                results.append(ImageResult(source=item.source, status="failed",
+                                           error="vanished from the source after it was listed"))
+                continue
+            except ImageError as exc:
+                log.warning("%s: %s", item.source, exc)
+                results.append(ImageResult(source=item.source, status="failed", error=str(exc)))
+                continue
+            output = f"resized/{item.output}"
+            writer.submit(f"{job.run}/{output}", rendered.data, spec.content_type)
+            results.append(ImageResult(source=item.source, status="ok", width=rendered.width,
+                                       height=rendered.height, outputs={"resized": output},
+                                       notes=tuple(rendered.notes)))
     return results
 
 
@@ -107,23 +111,25 @@ def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[
     """Apply every requested filter to each resized image of a chunk and write the variants."""
     spec = job.spec
     results = []
+    done = [image for image in resized.images if image.status == "ok"]
+    read = lambda image: destination.read(f"{job.run}/{image.outputs['resized']}")  # noqa: E731
+    filtered: dict[str, ImageResult] = {}
+    with Writer(destination.write) as writer:
+        for image, data in prefetched(done, read):
+            try:
+                variants = render_filters(decode(data.result()), spec)
+            except ImageError as exc:
+                filtered[image.source] = image.model_copy(
+                    update={"status": "failed", "error": f"filter stage: {exc}"})
+                continue
+            relpath = image.outputs["resized"].removeprefix("resized/")
+            outputs = dict(image.outputs)
+            for folder, encoded in variants.items():
+                outputs[folder] = f"{folder}/{relpath}"
+                writer.submit(f"{job.run}/{folder}/{relpath}", encoded, spec.content_type)
+            filtered[image.source] = image.model_copy(update={"outputs": outputs})
     for image in resized.images:
-        if image.status != "ok":
-            results.append(image)
-            continue
-        try:
-            pixels = decode(destination.read(f"{job.run}/{image.outputs['resized']}"))
-            variants = render_filters(pixels, spec)
-        except ImageError as exc:
-            results.append(image.model_copy(update={"status": "failed",
-                                                    "error": f"filter stage: {exc}"}))
-            continue
-        relpath = image.outputs["resized"].removeprefix("resized/")
-        outputs = dict(image.outputs)
-        for folder, data in variants.items():
-            outputs[folder] = f"{folder}/{relpath}"
-            destination.write(f"{job.run}/{folder}/{relpath}", data, spec.content_type)
-        results.append(image.model_copy(update={"outputs": outputs}))
+        results.append(filtered.get(image.source, image))
     return results
 
 

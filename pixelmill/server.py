@@ -25,6 +25,7 @@ PREFERRED_PORT = 4200
 # Variables every pixelmill process sets before Prefect is imported.
 BASE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: telemetry only errors
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pixelmill",  # our loggers (GCS retries) reach the UI
 }
 
 

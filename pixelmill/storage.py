@@ -123,12 +123,15 @@ def is_gcs(uri: str) -> bool:
     return uri.startswith("gs://")
 
 
-def open_storage(uri: str) -> Storage:
-    """The storage behind a URI: a local path, or gs://bucket/prefix (GCS issue)."""
+def open_storage(uri: str, *, destination: bool = False, client: object | None = None) -> Storage:
+    """The storage behind a URI: a local folder, or gs://bucket/prefix (`client`: a
+    google.cloud.storage.Client to use instead of the process-wide default one)."""
     if not uri:
         raise UsageError("an empty path was given as SOURCE or DEST")
     if is_gcs(uri):
-        raise UsageError(f"{uri}: Google Cloud Storage is not available in this version yet")
+        from pixelmill.gcs import GcsStorage
+
+        return GcsStorage(uri, client, as_destination=destination)  # type: ignore[arg-type]
     if "://" in uri:
         raise UsageError(f"{uri}: unsupported scheme; use a local path or gs://bucket/prefix")
     return LocalStorage(uri)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
 from pixelmill import gallery, pipeline
 from pixelmill.models import Chunk, ChunkResult, ImageResult, Job, Plan, RunReport
-from pixelmill.storage import open_storage
+from tasks.storage import destination_storage, source_storage
 
 # Storage I/O can fail transiently (throttling, a dropped connection): retry the chunk
 # with exponential backoff (2, 4, 8 s) and +-50 % jitter so retries of many chunks spread out.
@@ -16,8 +16,26 @@ from pixelmill.storage import open_storage
 STORAGE_RETRIES = 3
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)
 RETRY_JITTER = 0.5
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry transient failures; a permission or missing-bucket error fails at once."""
+    try:
+        state.result()
+    except PermissionError:  # includes pixelmill's StorageAccessError
+        return False
+    except Exception:
+        return True
+    return True
+
+
+# With a result storage block, a finished chunk is found again by its inputs (the job: URIs,
+# run folder and settings; the chunk: source keys and their versions) and the task's code.
+CHUNK_CACHE = INPUTS + TASK_SOURCE
+
 _RETRYING = {
     "retries": STORAGE_RETRIES,
+    "retry_condition_fn": _worth_retrying,
     "retry_delay_seconds": RETRY_DELAYS,
     "retry_jitter_factor": RETRY_JITTER,
     "cache_policy": NO_CACHE,
@@ -50,8 +68,8 @@ def _log_failures(images: list[ImageResult], stage: str, label: str) -> None:
 @task(name="discover", **_RETRYING)
 def discover(job: Job, chunk_size: int | None = None, cores: int = 1) -> Plan:
     """List and sniff the source, write manifest.json, return chunks of keys."""
-    plan = pipeline.discover(open_storage(job.source), open_storage(job.destination), job,
-                             chunk_size, cores)
+    plan = pipeline.discover(source_storage(job), destination_storage(job), job, chunk_size,
+                             cores)
     get_run_logger().info(
         "%d images in %d chunks of up to %d (%d refused at discovery)",
         plan.discovered, len(plan.chunks), plan.chunk_size, len(plan.rejected),
@@ -62,8 +80,8 @@ def discover(job: Job, chunk_size: int | None = None, cores: int = 1) -> Plan:
 @task(name="resize-chunk", task_run_name="resize-chunk-{chunk.index:03d}", **_RETRYING)
 def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
     """Resize every image of one chunk into <run>/resized/."""
-    images = pipeline.resize_images(chunk.items, job, open_storage(job.source),
-                                    open_storage(job.destination))
+    images = pipeline.resize_images(chunk.items, job, source_storage(job),
+                                    destination_storage(job))
     _log_failures(images, "resize", chunk.label)
     return ChunkResult(index=chunk.index, images=tuple(images), resources=ray_resources())
 
@@ -71,12 +89,12 @@ def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
 @task(name="filter-chunk", task_run_name="filter-chunk-{resized.index:03d}", **_RETRYING)
 def filter_chunk(job: Job, resized: ChunkResult) -> ChunkResult:
     """Apply every requested filter to one resized chunk into <run>/<filter>/."""
-    images = pipeline.filter_images(resized, job, open_storage(job.destination))
+    images = pipeline.filter_images(resized, job, destination_storage(job))
     _log_failures(images, "filter", f"{resized.index:03d}")
     return ChunkResult(index=resized.index, images=tuple(images), resources=ray_resources())
 
 
 @task(name="build-gallery", **_RETRYING)
-def build_gallery(report: RunReport) -> str:
+def build_gallery(job: Job, report: RunReport) -> str:
     """Write the gallery page, contact sheets and report.json; returns the index key."""
-    return gallery.build_gallery(report, open_storage(report.destination))
+    return gallery.build_gallery(report, destination_storage(job))

@@ -17,11 +17,16 @@ from pixelmill import server
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pixelmill-tests-"))
 _PORT = server.free_port()
+_GCS_PROXY_PORT = server.free_port()
 os.environ["PIXELMILL_HOME"] = str(_SESSION_HOME)
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "client")
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "pixelmill"
+# Every GCS client in this session (here and in Ray workers) goes through the fault proxy,
+# which passes requests through to the emulator unless a test asks for faults.
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{_GCS_PROXY_PORT}"
 os.environ.pop("RAY_ADDRESS", None)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +54,46 @@ def ray_cluster(prefect_api: str) -> Iterator[dict[str, float]]:
         yield dict(ray.cluster_resources())
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator:
+    """A real fake-gcs-server (from its PyPI wheel) behind the session's fault proxy."""
+    from pixelmill.emulator import Emulator
+    from tests.faultproxy import FaultProxy
+
+    with Emulator() as emulator:
+        proxy = FaultProxy(emulator.url, _GCS_PROXY_PORT).start()
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+
+
+@pytest.fixture()
+def gcs(gcs_server):
+    """The proxy, reset to pass-through after each test; `gcs.bucket(name)` makes a bucket."""
+    import itertools
+
+    from google.api_core.exceptions import Conflict
+
+    from pixelmill.gcs import default_client
+
+    counter = itertools.count()
+    client = default_client(os.environ["STORAGE_EMULATOR_HOST"])
+
+    def bucket(name: str):
+        try:
+            return client.create_bucket(name)
+        except Conflict:
+            return client.bucket(name)
+
+    gcs_server.reset()
+    gcs_server.bucket = bucket
+    gcs_server.client = client
+    gcs_server.unique = lambda prefix: f"{prefix}-{next(counter)}-{os.getpid()}"
+    yield gcs_server
+    gcs_server.reset()
 
 
 @pytest.fixture(scope="session")

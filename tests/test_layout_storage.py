@@ -307,7 +307,7 @@ def test_join_and_uri(store, tmp_path):
     assert store.join("run", "gallery", "index.html") == expected
 
 
-@pytest.mark.parametrize("uri", ["", "gs://bucket/prefix", "s3://bucket/x", "http://host/x"])
+@pytest.mark.parametrize("uri", ["", "gs://", "gs:///x", "s3://bucket/x", "http://host/x"])
 def test_open_storage_refuses(uri):
     with pytest.raises(UsageError):
         open_storage(uri)

@@ -1,0 +1,210 @@
+"""Google Cloud Storage behind the storage interface (google-cloud-storage, no Prefect).
+
+`gs://bucket/a/b` lists every object whose name starts with `a/b` and names them relative to
+`a/` (the part up to the last '/'): `gs://in/photos` keeps `photos/...` in the output paths,
+`gs://in/photos/` does not. A destination is always a folder: `gs://out/x` writes under `x/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+
+import google_crc32c
+from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
+from google.cloud import storage
+from google.cloud.storage.retry import _should_retry
+
+from pixelmill.errors import StorageAccessError, UsageError
+from pixelmill.storage import ObjectInfo, safe_key
+
+log = logging.getLogger("pixelmill.gcs")
+
+# Transient errors (429, 5xx, dropped connections) are retried with exponential backoff
+# (0.5 s doubling to at most 16 s) and full jitter (google-api-core's Retry), for at most
+# 60 s per call; the chunk task's own retries come on top of that.
+RETRY_INITIAL_S = 0.5
+RETRY_MAXIMUM_S = 16.0
+RETRY_DEADLINE_S = 60.0
+# Per-request (connect, read) timeout: a stalled connection is a transient error, not a hang.
+REQUEST_TIMEOUT_S = (10.0, 60.0)
+# Objects listed per request; the client pages through larger listings by itself.
+LIST_PAGE_SIZE = 1000
+EMULATOR_PROJECT = "pixelmill-emulator"
+
+
+def _log_retry(exc: Exception) -> None:
+    log.warning("GCS request failed (%s: %s); retrying with backoff",
+                type(exc).__name__, str(exc)[:200])
+
+
+RETRY = Retry(predicate=_should_retry, initial=RETRY_INITIAL_S, maximum=RETRY_MAXIMUM_S,
+              multiplier=2.0, timeout=RETRY_DEADLINE_S, on_error=_log_retry)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
+    if not uri.startswith("gs://"):
+        raise UsageError(f"{uri}: not a gs:// URI")
+    bucket, _, prefix = uri[len("gs://"):].partition("/")
+    if not bucket:
+        raise UsageError(f"{uri}: no bucket name; write gs://BUCKET/prefix")
+    return bucket, prefix
+
+
+def emulator_host() -> str | None:
+    return os.environ.get("STORAGE_EMULATOR_HOST") or None
+
+
+@lru_cache(maxsize=4)
+def default_client(emulator: str | None = None) -> storage.Client:
+    """One client per process: anonymous against an emulator, else Application Default
+    Credentials. (`emulator` is only part of the cache key.)"""
+    if emulator:
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(credentials=AnonymousCredentials(), project=EMULATOR_PROJECT)
+    try:
+        return storage.Client()
+    except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and kin
+        raise StorageAccessError(
+            f"no Google credentials: {exc}. Run `gcloud auth application-default login`, "
+            "set GOOGLE_APPLICATION_CREDENTIALS, or pass --gcp-credentials-block NAME"
+        ) from None
+
+
+def anonymous_adc_for_emulator() -> None:
+    """Emulator only: make Application Default Credentials anonymous.
+
+    prefect-gcp's GcpCredentials() calls google.auth.default() when built and fails without
+    credentials even when STORAGE_EMULATOR_HOST is set (PLATFORM.md), so a GcsBucket block
+    could not be used against the emulator. Does nothing unless that variable is set.
+    """
+    if not emulator_host():
+        return
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+
+    if getattr(google.auth.default, "_pixelmill_emulator", False):
+        return
+
+    def default(*args: object, **kwargs: object):
+        return AnonymousCredentials(), EMULATOR_PROJECT
+
+    default._pixelmill_emulator = True  # type: ignore[attr-defined]
+    google.auth.default = default
+
+
+def _translate(bucket: str, action: str, what: str, exc: Exception) -> Exception:
+    """Turn a final google error into one a person can act on."""
+    if isinstance(exc, (gexc.Unauthorized, gexc.Forbidden)):
+        return StorageAccessError(
+            f"gs://{bucket}: permission denied ({exc.code}) to {action} {what}; the credentials "
+            f"need storage.objects.{action} on bucket {bucket} (e.g. roles/storage.object"
+            f"{'Viewer' if action in ('get', 'list') else 'Admin'})"
+        )
+    if isinstance(exc, gexc.NotFound) and action == "list":
+        return StorageAccessError(f"gs://{bucket}: bucket not found; check the name")
+    return exc
+
+
+class GcsStorage:
+    """A gs://bucket/prefix. Keys are relative to the prefix's folder part."""
+
+    def __init__(self, uri: str, client: storage.Client | None = None, *,
+                 as_destination: bool = False) -> None:
+        self.bucket_name, prefix = split_uri(uri)
+        if as_destination and prefix and not prefix.endswith("/"):
+            prefix += "/"
+        self.name_prefix = prefix  # what listing matches
+        self.base = prefix[: prefix.rfind("/") + 1]  # what keys are relative to
+        self.uri = f"gs://{self.bucket_name}/{self.base}".rstrip("/")
+        self.client = client or default_client(emulator_host())
+        self.bucket = self.client.bucket(self.bucket_name)
+
+    def __repr__(self) -> str:
+        return f"GcsStorage({self.uri!r})"
+
+    def _name(self, key: str) -> str:
+        return self.base + safe_key(key)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.uri, *parts])
+
+    def _call(self, action: str, what: str, function: Callable[[], object]) -> object:
+        try:
+            return function()
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, action, what, exc) from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        match = self.base + prefix if prefix else self.name_prefix
+        blobs = self.client.list_blobs(self.bucket_name, prefix=match, page_size=LIST_PAGE_SIZE,
+                                       retry=RETRY, timeout=REQUEST_TIMEOUT_S)
+        try:
+            for blob in blobs:
+                yield ObjectInfo(blob.name[len(self.base):], blob.size or 0, blob.content_type,
+                                 str(blob.generation or ""))
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, "list", f"objects under {match!r}", exc) from exc
+
+    def read(self, key: str) -> bytes:
+        name = self._name(key)
+        try:
+            return self.bucket.blob(name).download_as_bytes(retry=RETRY,
+                                                           timeout=REQUEST_TIMEOUT_S)
+        except gexc.NotFound:
+            raise FileNotFoundError(f"gs://{self.bucket_name}/{name}") from None
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, "get", name, exc) from exc
+
+    def read_head(self, key: str, length: int) -> bytes:
+        name = self._name(key)
+        try:
+            return self.bucket.blob(name).download_as_bytes(start=0, end=length - 1, retry=RETRY,
+                                                           timeout=REQUEST_TIMEOUT_S)
+        except gexc.NotFound:
+            raise FileNotFoundError(f"gs://{self.bucket_name}/{name}") from None
+        except gexc.RequestRangeNotSatisfiable:
+            return b""  # a zero-byte object
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, "get", name, exc) from exc
+
+    def write(self, key: str, data: bytes, content_type: str) -> None:
+        """Single-shot upload (an object appears whole or not at all), create-only; if the
+        object exists it is kept when identical and replaced only at the generation seen."""
+        name = self._name(key)
+        blob = self.bucket.blob(name)
+        try:
+            blob.upload_from_string(data, content_type=content_type, if_generation_match=0,
+                                    retry=RETRY, timeout=REQUEST_TIMEOUT_S)
+            return
+        except gexc.PreconditionFailed:
+            pass  # it exists: a retried chunk, or a re-run
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, "create", name, exc) from exc
+        try:
+            existing = self.bucket.get_blob(name, retry=RETRY, timeout=REQUEST_TIMEOUT_S)
+            if existing is not None and existing.crc32c == crc32c(data) \
+                    and existing.content_type == content_type:
+                return  # already written, byte for byte
+            generation = existing.generation if existing is not None else 0
+            blob.upload_from_string(data, content_type=content_type,
+                                    if_generation_match=generation, retry=RETRY,
+                                    timeout=REQUEST_TIMEOUT_S)
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, "create", name, exc) from exc
+
+    def exists(self, key: str) -> bool:
+        name = self._name(key)
+        return bool(self._call("get", name, lambda: self.bucket.blob(name).exists(
+            retry=RETRY, timeout=REQUEST_TIMEOUT_S)))
+
+
+def crc32c(data: bytes) -> str:
+    """The base64 CRC32C GCS keeps for every object."""
+    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")

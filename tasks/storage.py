@@ -1,0 +1,34 @@
+"""Storage for a job's URIs, with GCS credentials from a prefect-gcp block when named."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pixelmill.gcs import anonymous_adc_for_emulator, emulator_host
+from pixelmill.models import Job
+from pixelmill.storage import Storage, is_gcs, open_storage
+
+anonymous_adc_for_emulator()  # no-op unless STORAGE_EMULATOR_HOST is set
+
+
+@lru_cache(maxsize=8)
+def _block_client(block_name: str):
+    """One storage client per worker process and credentials block, reused by every chunk."""
+    from prefect_gcp import GcpCredentials
+
+    return GcpCredentials.load(block_name).get_cloud_storage_client()
+
+
+def _client(job: Job, uri: str):
+    if not is_gcs(uri) or not job.gcp_credentials_block or emulator_host():
+        return None  # local, Application Default Credentials, or the emulator (anonymous)
+    return _block_client(job.gcp_credentials_block)
+
+
+def source_storage(job: Job) -> Storage:
+    return open_storage(job.source, client=_client(job, job.source))
+
+
+def destination_storage(job: Job) -> Storage:
+    return open_storage(job.destination, destination=True,
+                        client=_client(job, job.destination))

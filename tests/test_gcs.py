@@ -1,0 +1,201 @@
+"""GCS in and out against a real fake-gcs-server, through a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from pixelmill.samples import jpeg_bytes, photo
+from pixelmill.spec import PipelineSpec
+from tests.corpus import GOOD
+
+pytestmark = pytest.mark.slow
+
+
+def upload_corpus(bucket, prefix: str) -> None:
+    """The flow-test corpus plus GCS oddities: an empty image-named object, a folder
+    placeholder, a PDF named .jpg and a text file."""
+    for number, (key, (width, height, orientation)) in enumerate(sorted(GOOD.items())):
+        bucket.blob(prefix + key).upload_from_string(
+            jpeg_bytes(photo(width, height, seed=number), orientation=orientation),
+            content_type="image/jpeg")
+    bucket.blob(prefix + "garden/fake.jpg").upload_from_string(b"%PDF-1.4\n", content_type="image/jpeg")
+    bucket.blob(prefix + "empty.jpg").upload_from_string(b"", content_type="image/jpeg")
+    bucket.blob(prefix + "placeholder/").upload_from_string(b"", content_type="text/plain")
+    bucket.blob(prefix + "readme.txt").upload_from_string(b"hello", content_type="text/plain")
+
+
+def objects(bucket, prefix: str = "") -> dict[str, object]:
+    return {blob.name: blob for blob in bucket.client.list_blobs(bucket.name, prefix=prefix)}
+
+
+def test_flow_on_ray_from_one_bucket_to_another(gcs, ray_cluster):
+    from flows.process_images import process_images
+
+    src, dst = gcs.bucket(gcs.unique("src")), gcs.bucket(gcs.unique("dst"))
+    upload_corpus(src, "in/")
+    state = process_images(
+        source=f"gs://{src.name}/in/", destination=f"gs://{dst.name}/out/",
+        spec=PipelineSpec(size=(160, 120), filters=("blur",)), run_name="g1", chunk_size=3,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    found = objects(dst, "out/g1/")
+    report = json.loads(found["out/g1/report.json"].download_as_bytes())
+    assert found["out/g1/report.json"].content_type == "application/json"
+    assert found["out/g1/gallery/index.html"].content_type.startswith("text/html")
+    assert found["out/g1/manifest.json"].content_type == "application/json"
+    assert found["out/g1/gallery/contact-sheet-01.jpg"].content_type == "image/jpeg"
+    ok = {entry["source"]: entry for entry in report["images"] if entry["status"] == "ok"}
+    assert set(ok) == set(GOOD)
+    for entry in ok.values():
+        for path in entry["outputs"].values():
+            blob = found[f"out/g1/{path}"]
+            assert blob.content_type == "image/jpeg"
+            with Image.open(io.BytesIO(blob.download_as_bytes())) as image:
+                assert image.size == (entry["width"], entry["height"])
+    # sub-paths kept: both a.jpg survive
+    assert "out/g1/resized/trips/a.jpg" in found and "out/g1/resized/family/a.jpg" in found
+    failed = {e["source"]: e["error"] for e in report["images"] if e["status"] == "failed"}
+    assert set(failed) == {"garden/fake.jpg", "empty.jpg"}
+    assert "PDF" in failed["garden/fake.jpg"] and "empty" in failed["empty.jpg"]
+    assert not any("placeholder" in e["source"] or "readme" in e["source"]
+                   for e in report["images"])
+    assert report["counts"] == {"discovered": len(GOOD) + 2, "ok": len(GOOD), "failed": 2,
+                                "skipped": 0}
+
+
+def test_listing_pages_through_more_than_1000_objects(gcs):
+    from pixelmill.storage import open_storage
+
+    bucket = gcs.bucket(gcs.unique("many"))
+    names = [f"p/{number:05d}.jpg" for number in range(1050)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: bucket.blob(name).upload_from_string(
+            b"x", content_type="image/jpeg"), names))
+    gcs.reset()
+    listed = [info.key for info in open_storage(f"gs://{bucket.name}/p/").list()]
+    assert listed == [name.removeprefix("p/") for name in names]
+    list_calls = [path for method, path in gcs.seen
+                  if method == "GET" and re.search(rf"/b/{bucket.name}/o\?", path)]
+    assert len(list_calls) == 2 and "pageToken" in list_calls[1]
+
+
+def test_transient_faults_are_retried_and_the_run_completes(gcs, tmp_path):
+    """Every 4th request fails: 503, a dropped connection, or a reply lost after the write."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.process_images import make_task_runner, process_images
+
+    src, dst = gcs.bucket(gcs.unique("fsrc")), gcs.bucket(gcs.unique("fdst"))
+    upload_corpus(src, "")
+    gcs.every = 4
+    flow = process_images.with_options(task_runner=make_task_runner("threads"))
+    state = flow(source=f"gs://{src.name}", destination=f"gs://{dst.name}",
+                 spec=PipelineSpec(size=(64, 64), filters=("emboss",)), run_name="f1",
+                 chunk_size=2, return_state=True)
+    assert state.is_completed(), state.message
+    assert all(gcs.injected[mode] >= 3 for mode in ("503", "drop", "drop-after")), gcs.injected
+    gcs.every = 0
+    found = objects(dst, "f1/")
+    report = json.loads(found["f1/report.json"].download_as_bytes())
+    assert report["counts"]["ok"] == len(GOOD)
+    for entry in report["images"]:
+        for path in entry.get("outputs", {}).values():
+            with Image.open(io.BytesIO(found[f"f1/{path}"].download_as_bytes())) as image:
+                image.load()  # whole, not partial
+    flow_run_id = state.state_details.flow_run_id
+    deadline, messages = time.monotonic() + 30, []
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            messages = [log.message for log in logs]
+            if any("retrying with backoff" in message for message in messages):
+                break
+            time.sleep(1)
+    assert any("retrying with backoff" in message for message in messages), messages[-20:]
+
+
+def test_forbidden_bucket_fails_fast_naming_it(gcs, tmp_path):
+    from flows.process_images import make_task_runner, process_images
+
+    src, dst = gcs.bucket(gcs.unique("osrc")), gcs.bucket(gcs.unique("locked"))
+    upload_corpus(src, "")
+    gcs.forbidden = {dst.name}
+    flow = process_images.with_options(task_runner=make_task_runner("threads"))
+    started = time.monotonic()
+    state = flow(source=f"gs://{src.name}", destination=f"gs://{dst.name}/out",
+                 spec=PipelineSpec(size=(64, 64)), run_name="x", return_state=True)
+    assert state.is_failed()
+    assert gcs.injected["403"] == 1  # one request: neither the client nor Prefect retried it
+    assert time.monotonic() - started < 60
+    message = str(state.result(raise_on_failure=False))
+    assert f"gs://{dst.name}: permission denied (403)" in message
+    assert "storage.objects.create" in message
+
+
+def test_cli_refuses_a_forbidden_source_with_one_line(gcs, tmp_path, prefect_api):
+    from tests.test_cli import pixelmill
+
+    gcs.forbidden = {"secret-bucket"}
+    result = pixelmill("run", "gs://secret-bucket/in", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "gs://secret-bucket: permission denied (403)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_thumbnail_preset_keeps_sub_paths_in_a_minute_stamped_folder(gcs, prefect_api):
+    from tests.test_cli import pixelmill
+
+    src, dst = gcs.bucket(gcs.unique("in")), gcs.bucket(gcs.unique("out"))
+    upload_corpus(src, "photos/")
+    result = pixelmill("run", f"gs://{src.name}/photos", f"gs://{dst.name}", "--size", "100x100",
+                       "--runner", "threads")
+    assert result.returncode == 1, result.stderr  # the PDF and the empty object
+    resized = [name for name in objects(dst) if "/resized/" in name]
+    assert len(resized) == len(GOOD)
+    for name in resized:
+        assert re.fullmatch(r"\d{8}T\d{4}Z/resized/photos/.+\.jpg", name), name
+        with Image.open(io.BytesIO(dst.blob(name).download_as_bytes())) as image:
+            assert max(image.size) <= 100
+    assert any(name.endswith("/resized/photos/trips/a.jpg") for name in resized)
+    assert any(name.endswith("/resized/photos/family/a.jpg") for name in resized)
+
+
+def test_chunk_results_persist_to_a_gcs_bucket_block_and_are_reused(gcs):
+    import tasks.storage  # noqa: F401  (emulator: anonymous credentials for prefect-gcp)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect_gcp.cloud_storage import GcsBucket
+
+    from flows.process_images import make_task_runner, process_images
+
+    src, dst, results = (gcs.bucket(gcs.unique(name)) for name in ("rsrc", "rdst", "results"))
+    upload_corpus(src, "")
+    block_name = gcs.unique("pixelmill-results")
+    GcsBucket(bucket=results.name).save(block_name)
+    flow = process_images.with_options(task_runner=make_task_runner("threads"))
+    runs = [flow(source=f"gs://{src.name}", destination=f"gs://{dst.name}",
+                 spec=PipelineSpec(size=(64, 64), filters=("blur",)), run_name="r1",
+                 chunk_size=4, result_storage=f"gcs-bucket/{block_name}", return_state=True)
+            for _ in range(2)]
+    assert all(state.is_completed() for state in runs)
+    assert len(objects(results)) >= 4  # persisted chunk results
+    with get_client(sync_client=True) as client:
+        states = [
+            [run.state.name for run in client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+             if "chunk" in run.name]
+            for state in runs
+        ]
+    assert states[0] and all(name == "Completed" for name in states[0]), states[0]
+    assert states[1] and all(name == "Cached" for name in states[1]), states[1]
