@@ -87,7 +87,7 @@ def test_listing_pages_through_more_than_1000_objects(gcs):
     assert len(list_calls) == 2 and "pageToken" in list_calls[1]
 
 
-def test_transient_faults_are_retried_and_the_run_completes(gcs, tmp_path):
+def test_transient_faults_are_retried_and_the_run_completes(gcs, prefect_api):
     """Every 4th request fails: 503, a dropped connection, or a reply lost after the write."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -124,7 +124,7 @@ def test_transient_faults_are_retried_and_the_run_completes(gcs, tmp_path):
     assert any("retrying with backoff" in message for message in messages), messages[-20:]
 
 
-def test_forbidden_bucket_fails_fast_naming_it(gcs, tmp_path):
+def test_forbidden_bucket_fails_fast_naming_it(gcs, prefect_api):
     from flows.process_images import make_task_runner, process_images
 
     src, dst = gcs.bucket(gcs.unique("osrc")), gcs.bucket(gcs.unique("locked"))
@@ -171,7 +171,7 @@ def test_thumbnail_preset_keeps_sub_paths_in_a_minute_stamped_folder(gcs, prefec
     assert any(name.endswith("/resized/photos/family/a.jpg") for name in resized)
 
 
-def test_chunk_results_persist_to_a_gcs_bucket_block_and_are_reused(gcs):
+def test_chunk_results_persist_to_a_gcs_bucket_block_and_are_reused(gcs, prefect_api):
     import tasks.storage  # noqa: F401  (emulator: anonymous credentials for prefect-gcp)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
