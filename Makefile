@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench-gcs clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# local->local vs gcs->gcs (emulator) on the same 200 images, printed as a ratio
+bench-gcs: setup
+	$(BIN)/python bench/gcs_vs_local.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -20,6 +20,13 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
 MODES = ("503", "drop", "drop-after")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients hang up on purpose here (dropped connections); no tracebacks
+
+
 class FaultProxy:
     def __init__(self, upstream: str, port: int) -> None:
         self.upstream = urlsplit(upstream)
@@ -31,8 +38,7 @@ class FaultProxy:
         self.requests = 0
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> FaultProxy:

@@ -199,3 +199,35 @@ def test_chunk_results_persist_to_a_gcs_bucket_block_and_are_reused(gcs, prefect
         ]
     assert states[0] and all(name == "Completed" for name in states[0]), states[0]
     assert states[1] and all(name == "Cached" for name in states[1]), states[1]
+
+
+def test_readme_emulator_trial(tmp_path, prefect_api):
+    """The README's "Try GCS locally" commands, in order, as a user runs them."""
+    import signal
+    import subprocess
+
+    from tests.test_cli import PIXELMILL, pixelmill
+
+    emulator = subprocess.Popen(
+        [PIXELMILL, "gcs-emulator", "--bucket", "in", "--bucket", "out",
+         "--samples", "gs://in/photos"], stdout=subprocess.PIPE, text=True)
+    try:
+        export = ""
+        for line in emulator.stdout:
+            if line.startswith("export STORAGE_EMULATOR_HOST="):
+                export = line.strip()
+                break
+        assert export, "the emulator never printed its export line"
+        host = export.split("=", 1)[1]
+        result = pixelmill("run", "gs://in/photos", "gs://out", "--size", "100x100",
+                           "--runner", "threads", env={"STORAGE_EMULATOR_HOST": host})
+        assert result.returncode == 0, result.stderr
+        assert "processed 24 ok, 0 failed" in result.stdout
+    finally:
+        emulator.send_signal(signal.SIGTERM)
+        assert emulator.wait(timeout=30) == 0
+    # the emulator server went with it
+    import urllib.request
+
+    with pytest.raises(OSError):
+        urllib.request.urlopen(host + "/storage/v1/b", timeout=2)

@@ -1,0 +1,60 @@
+"""Shared pieces of the benchmarks: corpus generation, services, running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PIXELMILL = str(Path(sys.executable).with_name("pixelmill"))
+
+
+def _one(args: tuple[Path, int, int, int, int]) -> None:
+    from pixelmill.samples import jpeg_bytes, photo
+
+    folder, number, width, height, quality = args
+    path = folder / f"set{number % 10}" / f"img-{number:05d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg_bytes(photo(width, height, seed=number), quality=quality))
+
+
+def make_corpus(folder: Path, count: int, width: int, height: int, quality: int = 90) -> Path:
+    """`count` photo-like JPEGs in 10 sub-folders; reused when already there."""
+    stamp = folder / ".corpus.json"
+    wanted = {"count": count, "width": width, "height": height, "quality": quality}
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_one, [(folder, n, width, height, quality) for n in range(count)],
+                      chunksize=8))
+    stamp.write_text(json.dumps(wanted))
+    return folder
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> dict:
+    """Run `pixelmill run ...`; returns wall seconds, CPU seconds of children, and the report."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run([PIXELMILL, "run", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode not in (0, 1):
+        raise RuntimeError(f"pixelmill run failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return {"wall_s": wall, "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            "peak_rss_mb": after.ru_maxrss / 1024, "stdout": result.stdout}
+
+
+def write_results(name: str, data: dict) -> Path:
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
