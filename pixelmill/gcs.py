@@ -107,8 +107,9 @@ def _translate(bucket: str, action: str, what: str, exc: Exception) -> Exception
             f"need storage.objects.{action} on bucket {bucket} (e.g. roles/storage.object"
             f"{'Viewer' if action in ('get', 'list') else 'Admin'})"
         )
-    if isinstance(exc, gexc.NotFound) and action == "list":
-        return StorageAccessError(f"gs://{bucket}: bucket not found; check the name")
+    if isinstance(exc, gexc.NotFound) and action != "get":  # listing or writing: no bucket
+        return StorageAccessError(f"gs://{bucket}: bucket not found; check the name or "
+                                  "create it")
     return exc
 
 

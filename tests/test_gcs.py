@@ -231,3 +231,41 @@ def test_readme_emulator_trial(tmp_path, prefect_api):
 
     with pytest.raises(OSError):
         urllib.request.urlopen(host + "/storage/v1/b", timeout=2)
+
+
+def test_missing_destination_bucket_is_a_clear_error(gcs):
+    from pixelmill.errors import StorageAccessError
+    from pixelmill.storage import open_storage
+
+    storage = open_storage("gs://no-such-bucket-here/out", destination=True)
+    with pytest.raises(StorageAccessError, match="gs://no-such-bucket-here: bucket not found"):
+        storage.write("x.jpg", b"x", "image/jpeg")
+
+
+def test_credentials_block_gives_one_client_per_process(prefect_api, monkeypatch):
+    """--gcp-credentials-block: the named prefect-gcp block makes the client, once. (A made-up
+    service account: the client is built, never used; Google's cloud is not reachable here.)"""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from prefect_gcp import GcpCredentials
+
+    import tasks.storage as task_storage
+    from pixelmill.models import Job
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    info = {"type": "service_account", "project_id": "made-up", "private_key_id": "1",
+            "private_key": pem, "client_email": "pixelmill@made-up.iam.gserviceaccount.com",
+            "client_id": "1", "token_uri": "https://oauth2.googleapis.com/token"}
+    GcpCredentials(service_account_info=info).save("pixelmill-test-sa", overwrite=True)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    task_storage._block_client.cache_clear()
+    job = Job(source="gs://a/in", destination="gs://b/out", run="r",
+              gcp_credentials_block="pixelmill-test-sa")
+    source, destination = task_storage.source_storage(job), task_storage.destination_storage(job)
+    assert source.client is destination.client
+    assert source.client._credentials.service_account_email == info["client_email"]
+    assert source.client.project == "made-up"
+    assert task_storage._block_client.cache_info().misses == 1
+    task_storage._block_client.cache_clear()
