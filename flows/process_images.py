@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
 from prefect.context import FlowRunContext
+from prefect.artifacts import (
+    create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
@@ -16,19 +21,18 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
-from pixelmill import progress
+from pixelmill import progress, summary
 from pixelmill.errors import UsageError
-from pixelmill.layout import check_run_name, run_stamp
+from pixelmill.layout import check_run_name, check_shard, run_stamp
 from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
-from tasks.images import CHUNK_CACHE
 
 def make_task_runner(runner: str = "ray", ray_address: str | None = None):
     """The task runner for `--runner`: Ray (local or `ray_address`), threads, or one thread."""
     if check_runner(runner) == "ray":
         return RayTaskRunner(address=ray_address or os.environ.get("RAY_ADDRESS"),
-                             init_kwargs={"log_to_driver": False,
+                             init_kwargs={"log_to_driver": False, "include_dashboard": False,
                                           "logging_level": logging.WARNING})
     return ThreadPoolTaskRunner(max_workers=(os.cpu_count() or 1) if runner == "threads" else 1)
 
@@ -87,14 +91,37 @@ def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | 
     return images, summary, None
 
 
+def _shard(index: int | None, count: int | None) -> tuple[int, int]:
+    """Shard settings, defaulting from a Cloud Run job's task index and count."""
+    index = int(os.environ.get("CLOUD_RUN_TASK_INDEX", 0)) if index is None else index
+    count = int(os.environ.get("CLOUD_RUN_TASK_COUNT", 1)) if count is None else count
+    check_shard(index, count)
+    return index, count
+
+
+def _default_run_name(shard_count: int) -> str:
+    """The UTC minute of the scheduled start; for Cloud Run shards, their shared execution
+    name (tasks of one execution may start either side of a minute boundary)."""
+    execution = os.environ.get("CLOUD_RUN_EXECUTION")
+    if shard_count > 1 and execution:
+        return check_run_name(execution)
+    return run_stamp(flow_run.scheduled_start_time)
+
+
+def _artifact_key(kind: str, job: Job) -> str:
+    """Artifact keys: lowercase letters, digits and dashes (PLATFORM.md)."""
+    shard = f"-shard-{job.shard_index}-of-{job.shard_count}" if job.sharded else ""
+    return re.sub(r"[^a-z0-9-]+", "-", f"pixelmill-{kind}{shard}".lower())
+
+
 def _persisting(result_storage: str | None):
-    """The chunk tasks, persisting results and caching finished chunks in a storage block
-    ("gcs-bucket/NAME") when one is given."""
+    """The chunk tasks, with their results persisted in a storage block ("gcs-bucket/NAME")
+    when one is given, else in Prefect's default result storage."""
     if not result_storage:
         return resize_chunk, filter_chunk
     block = Block.load(result_storage)
-    options = {"result_storage": block, "persist_result": True, "cache_policy": CHUNK_CACHE}
-    return resize_chunk.with_options(**options), filter_chunk.with_options(**options)
+    return (resize_chunk.with_options(result_storage=block),
+            filter_chunk.with_options(result_storage=block))
 
 
 @flow(name="process-images", task_runner=make_task_runner("ray"), log_prints=True)
@@ -108,13 +135,21 @@ def process_images(
     filter_resources: StageResources = StageResources(),
     gcp_credentials_block: str | None = None,
     result_storage: str | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
 ) -> RunReport:
-    """Resize and filter every image under `source` into `destination`/<run>/ with a gallery."""
+    """Resize and filter every image under `source` into `destination`/<run>/ with a gallery.
+
+    `shard_index` / `shard_count` (default: Cloud Run's CLOUD_RUN_TASK_INDEX / _COUNT) make
+    this run one of several disjoint shards that together cover every image once.
+    """
     started = time.monotonic()
     logger = get_run_logger()
-    run = check_run_name(run_name) if run_name else run_stamp(flow_run.scheduled_start_time)
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    run = check_run_name(run_name) if run_name else _default_run_name(shard_count)
     job = Job(source=source, destination=destination, run=run, spec=spec,
-              gcp_credentials_block=gcp_credentials_block)
+              gcp_credentials_block=gcp_credentials_block, shard_index=shard_index,
+              shard_count=shard_count)
     resize_task, filter_task = _persisting(result_storage)
     cluster = _cluster_resources()
     _check_resources({"resize": resize_resources, "filter": filter_resources}, cluster)
@@ -122,6 +157,9 @@ def process_images(
     plan: Plan = discover(job, chunk_size, int(cluster.get("CPU", 1)))
     images = sum(len(chunk.items) for chunk in plan.chunks)
     progress.planned(len(plan.chunks), images, len(plan.rejected))
+    progress_artifact = create_progress_artifact(
+        0.0, key=_artifact_key("progress", job),
+        description=f"chunks done of {len(plan.chunks)} ({images} images)")
 
     with remote_options(**resize_resources.ray_options()):
         resized = [resize_task.submit(job, chunk) for chunk in plan.chunks]
@@ -137,17 +175,25 @@ def process_images(
         number = position[future]
         chunk = plan.chunks[number]
         upstream = resized[number] if spec.filters else None
-        chunk_images, summary, result = _outcome(len(chunk.items), future, upstream, chunk)
+        chunk_images, chunk_summary, result = _outcome(len(chunk.items), future, upstream, chunk)
         results.extend(chunk_images)
-        summaries.append(summary)
+        summaries.append(chunk_summary)
         progress.chunk_done(result, len(chunk.items))
+        update_progress_artifact(progress_artifact, 100.0 * len(summaries) / len(last))
 
     report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
-                             sorted(summaries, key=lambda summary: summary.index))
+                             sorted(summaries, key=lambda chunk: chunk.index))
     index = build_gallery(job, report)
-    logger.info("%d ok, %d failed; gallery at %s/%s", report.counts.ok, report.counts.failed,
-                destination.rstrip("/"), index)
-    failed_chunks = [summary for summary in summaries if summary.state != "Completed"]
+    if not last:
+        update_progress_artifact(progress_artifact, 100.0)
+    create_markdown_artifact(summary.markdown(report, index), key=_artifact_key("summary", job),
+                             description=f"pixelmill run {run}")
+    create_table_artifact(summary.failure_rows(report), key=_artifact_key("failures", job),
+                          description=f"{report.counts.failed} failed images of run {run}")
+    logger.info("%d ok, %d failed; gallery at %s", report.counts.ok, report.counts.failed,
+                summary.object_url(destination, index))
+
+    failed_chunks = [chunk for chunk in summaries if chunk.state != "Completed"]
     if failed_chunks:
         return Failed(message=f"{len(failed_chunks)} of {len(summaries)} chunks failed",
                       data=report)

@@ -63,9 +63,9 @@ def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
                       font=font)
         buffer = io.BytesIO()
         sheet.save(buffer, "JPEG", quality=85)
-        name = f"gallery/contact-sheet-{number:02d}.jpg"
-        destination.write(f"{report.run}/{name}", buffer.getvalue(), "image/jpeg")
-        names.append(name)
+        key = report.job.run_file(f"gallery/contact-sheet-{number:02d}.jpg")
+        destination.write(key, buffer.getvalue(), "image/jpeg")
+        names.append(key.removeprefix(f"{report.run}/"))
     return names
 
 
@@ -126,7 +126,8 @@ def render_index(report: RunReport, sheets: list[str]) -> str:
  of {counts.discovered} discovered in {report.duration_s:.1f} s ·
  {spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
  filters: {_text(", ".join(spec.filters) or "none")}</div>
-<div>contact sheets: {sheet_links or "none"} · <a href="../report.json">report.json</a></div>
+<div>contact sheets: {sheet_links or "none"} ·
+ <a href="../{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">report.json</a></div>
 </header><main>{failures}
 <h2>Images ({len(ok)})</h2><div class="grid">{"".join(_figure(image) for image in ok)}</div>
 </main></body></html>
@@ -136,10 +137,10 @@ def render_index(report: RunReport, sheets: list[str]) -> str:
 def build_gallery(report: RunReport, destination: Storage) -> str:
     """Write contact sheets, index.html and (last) report.json; returns the index key."""
     sheets = contact_sheets(report, destination)
-    index_key = f"{report.run}/gallery/index.html"
+    index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets).encode("utf-8"),
                       "text/html; charset=utf-8")
-    destination.write(f"{report.run}/report.json",
+    destination.write(report.job.run_file("report.json"),
                       json.dumps(report.to_json_dict(), indent=2).encode("utf-8"),
                       "application/json")
     return index_key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import posixpath
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
@@ -73,6 +74,17 @@ def assign_outputs(sources: Iterable[str], extension: str) -> dict[str, str]:
         taken.add(candidate)
         result[key] = candidate
     return result
+
+
+def in_shard(key: str, index: int, count: int) -> bool:
+    """Whether a source key belongs to shard `index` of `count`: a stable hash of the key, so
+    shards are disjoint, cover every key exactly once, and agree across machines."""
+    return count <= 1 or zlib.crc32(key.encode("utf-8")) % count == index
+
+
+def check_shard(index: int, count: int) -> None:
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"shard {index} of {count}: need 0 <= shard_index < shard_count")
 
 
 def choose_chunk_size(images: int, cores: int) -> int:

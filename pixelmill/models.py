@@ -23,6 +23,19 @@ class Job(Frozen):
     run: str
     spec: PipelineSpec = PipelineSpec()
     gcp_credentials_block: str | None = None  # a prefect-gcp GcpCredentials block, else ADC
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1)
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_count > 1
+
+    def run_file(self, name: str) -> str:
+        """A run-level file of this shard: 'report.json' or 'report-shard-2-of-4.json'."""
+        if not self.sharded:
+            return f"{self.run}/{name}"
+        stem, dot, ext = name.rpartition(".")
+        return f"{self.run}/{stem}-shard-{self.shard_index}-of-{self.shard_count}{dot}{ext}"
 
     def output_key(self, folder: str, relpath: str) -> str:
         """Key under the destination root: <run>/<folder>/<relpath>."""
@@ -107,6 +120,7 @@ class Counts(BaseModel):
 class RunReport(BaseModel):
     """report.json (see DESIGN.md): other tools read it, so keys only ever get added."""
 
+    job: Job = Field(exclude=True)
     run: str
     source: str
     destination: str
@@ -130,6 +144,7 @@ class RunReport(BaseModel):
         for image in images:
             setattr(counts, image.status, getattr(counts, image.status) + 1)
         return cls(
+            job=job,
             run=job.run,
             source=job.source,
             destination=job.destination,
@@ -150,6 +165,8 @@ class RunReport(BaseModel):
             "images": [image.report_entry() for image in self.images],
             "duration_s": self.duration_s,
             "chunks": [chunk.model_dump(mode="json", exclude_none=True) for chunk in self.chunks],
+            **({"shard": {"index": self.job.shard_index, "count": self.job.shard_count}}
+               if self.job.sharded else {}),
         }
 
     @property

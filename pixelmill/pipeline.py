@@ -11,7 +11,9 @@ from pixelmill.filters import filter_folder
 from pixelmill.imageops import (
     SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
 )
-from pixelmill.layout import IMAGE_EXTENSIONS, assign_outputs, choose_chunk_size, make_chunks
+from pixelmill.layout import (
+    IMAGE_EXTENSIONS, assign_outputs, choose_chunk_size, in_shard, make_chunks,
+)
 from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
 from pixelmill.overlap import Writer, prefetched, threaded_map
 from pixelmill.storage import ObjectInfo, Storage
@@ -58,8 +60,12 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
                                         error=describe_non_image(head)))
         else:
             ignored.append(info.key)
-    discovered = len(accepted) + len(rejected)
     outputs = assign_outputs((info.key for info, _ in accepted), job.spec.extension)
+    if job.sharded:  # outputs were assigned over the whole listing, so shards agree on names
+        accepted = [(info, fmt) for info, fmt in accepted
+                    if in_shard(info.key, job.shard_index, job.shard_count)]
+        rejected = [r for r in rejected if in_shard(r.source, job.shard_index, job.shard_count)]
+    discovered = len(accepted) + len(rejected)
     items = [ChunkItem(source=info.key, output=outputs[info.key], version=info.version)
              for info, _ in accepted]
     chunk_size = chunk_size or choose_chunk_size(len(items), cores)
@@ -74,8 +80,8 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
         "chunk_size": chunk_size,
         "chunks": len(chunks),
     }
-    destination.write(f"{job.run}/manifest.json", json.dumps(manifest, indent=1).encode(),
-                       "application/json")
+    destination.write(job.run_file("manifest.json"), json.dumps(manifest, indent=1).encode(),
+                      "application/json")
     return Plan(discovered=discovered, chunks=tuple(chunks), rejected=tuple(rejected),
                 chunk_size=chunk_size)
 

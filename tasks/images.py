@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.tasks import exponential_backoff
+from prefect.utilities.hashing import hash_objects
 
 from pixelmill import gallery, pipeline
 from pixelmill.models import Chunk, ChunkResult, ImageResult, Job, Plan, RunReport
+from pixelmill.version import code_version
 from tasks.storage import destination_storage, source_storage
 
 # Storage I/O can fail transiently (throttling, a dropped connection): retry the chunk
@@ -29,9 +33,20 @@ def _worth_retrying(task, task_run, state) -> bool:
     return True
 
 
-# With a result storage block, a finished chunk is found again by its inputs (the job: URIs,
-# run folder and settings; the chunk: source keys and their versions) and the task's code.
-CHUNK_CACHE = INPUTS + TASK_SOURCE
+@dataclass
+class CodeVersion(CachePolicy):
+    """Cache key part: pixelmill's version and a fingerprint of its source files."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        return hash_objects(code_version())
+
+
+# A finished chunk is found again by its inputs (the job: URIs, run folder, settings; the
+# chunk: source keys with their generations or mtimes), the task's code and pixelmill's code.
+# So retrying a flow run (the UI's Retry) or re-running the same run redoes only what failed
+# or changed. Results are small ChunkResults, persisted to the default result storage (or the
+# `result_storage` block given to the flow).
+CHUNK_CACHE = INPUTS + TASK_SOURCE + CodeVersion()
 
 _RETRYING = {
     "retries": STORAGE_RETRIES,
@@ -40,6 +55,7 @@ _RETRYING = {
     "retry_jitter_factor": RETRY_JITTER,
     "cache_policy": NO_CACHE,
 }
+_CHUNK = {**_RETRYING, "cache_policy": CHUNK_CACHE, "persist_result": True}
 
 
 def ray_resources() -> dict[str, float]:
@@ -77,7 +93,7 @@ def discover(job: Job, chunk_size: int | None = None, cores: int = 1) -> Plan:
     return plan
 
 
-@task(name="resize-chunk", task_run_name="resize-chunk-{chunk.index:03d}", **_RETRYING)
+@task(name="resize-chunk", task_run_name="resize-chunk-{chunk.index:03d}", **_CHUNK)
 def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
     """Resize every image of one chunk into <run>/resized/."""
     images = pipeline.resize_images(chunk.items, job, source_storage(job),
@@ -86,7 +102,7 @@ def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
     return ChunkResult(index=chunk.index, images=tuple(images), resources=ray_resources())
 
 
-@task(name="filter-chunk", task_run_name="filter-chunk-{resized.index:03d}", **_RETRYING)
+@task(name="filter-chunk", task_run_name="filter-chunk-{resized.index:03d}", **_CHUNK)
 def filter_chunk(job: Job, resized: ChunkResult) -> ChunkResult:
     """Apply every requested filter to one resized chunk into <run>/<filter>/."""
     images = pipeline.filter_images(resized, job, destination_storage(job))

@@ -12,7 +12,7 @@ import re
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 _BUCKET = re.compile(r"/b/([^/?]+)")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
@@ -33,7 +33,8 @@ class FaultProxy:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.every = 0  # 0: no faults; N: every Nth request gets the next fault mode
-        self.forbidden: set[str] = set()
+        self.forbidden: set[str] = set()  # buckets answering 403
+        self.forbidden_objects: set[str] = set()  # object-name prefixes answering 403
         self.injected: Counter[str] = Counter()
         self.requests = 0
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request
@@ -52,13 +53,18 @@ class FaultProxy:
     def reset(self) -> None:
         with self._lock:
             self.every, self.forbidden, self.injected, self.requests = 0, set(), Counter(), 0
+            self.forbidden_objects = set()
             self.seen = []
 
-    def _decide(self, method: str, path: str) -> str | None:
+    def _decide(self, method: str, path: str, body: bytes | None) -> str | None:
         with self._lock:
             self.requests += 1
             self.seen.append((method, path))
             bucket = _BUCKET.search(path)
+            named = unquote(path).encode() + (body or b"")[:4096]  # uploads name it in the body
+            if any(prefix.encode() in named for prefix in self.forbidden_objects):
+                self.injected["403"] += 1
+                return "403"
             if bucket and bucket[1] in self.forbidden:
                 self.injected["403"] += 1
                 return "403"
@@ -80,7 +86,7 @@ class FaultProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._decide(self.command, self.path)
+                fault = proxy._decide(self.command, self.path, body)
                 if fault == "403":
                     return self._reply(403, b'{"error":{"code":403,"message":"Forbidden"}}')
                 if fault == "503":

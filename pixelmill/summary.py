@@ -1,0 +1,52 @@
+"""What the Prefect UI shows for a run: a markdown summary and a table of failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+from pixelmill.gcs import emulator_host, split_uri
+from pixelmill.models import RunReport
+from pixelmill.storage import is_gcs
+
+# Rows in the failures table artifact; the full list is always in report.json.
+MAX_FAILURE_ROWS = 500
+
+
+def object_url(destination: str, key: str) -> str:
+    """A browser URL for an object of the destination (file://, the emulator, or GCS)."""
+    if not is_gcs(destination):
+        return (Path(destination).absolute() / key).as_uri()
+    bucket, prefix = split_uri(destination)
+    name = f"{prefix.rstrip('/')}/{key}".lstrip("/")
+    host = emulator_host()
+    if host:
+        return f"{host.rstrip('/')}/{bucket}/{quote(name)}"
+    return f"https://storage.cloud.google.com/{bucket}/{quote(name)}"
+
+
+def markdown(report: RunReport, gallery_key: str) -> str:
+    counts = report.counts
+    rate = counts.ok / report.duration_s if report.duration_s else 0.0
+    spec = report.spec
+    lines = [
+        f"# pixelmill run `{report.run}`",
+        "",
+        f"**{counts.ok} ok**, **{counts.failed} failed**, {counts.skipped} skipped of "
+        f"{counts.discovered} discovered in {report.duration_s:.1f} s ({rate:.1f} images/s).",
+        "",
+        f"- source: `{report.source}`",
+        f"- destination: `{report.destination}`",
+        f"- settings: {spec.size[0]}x{spec.size[1]} {spec.fit}, {spec.format} q{spec.quality}, "
+        f"filters: {', '.join(spec.filters) or 'none'}",
+        f"- chunks: {len(report.chunks)} "
+        f"({sum(c.state != 'Completed' for c in report.chunks)} failed)",
+        "",
+        f"[Open the gallery]({object_url(report.destination, gallery_key)})",
+    ]
+    return "\n".join(lines)
+
+
+def failure_rows(report: RunReport) -> list[dict[str, str]]:
+    return [{"source": image.source, "reason": image.error or ""}
+            for image in report.failures[:MAX_FAILURE_ROWS]]
