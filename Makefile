@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup demo test bench-gcs clean
+.PHONY: setup browser demo test bench-gcs clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/pixelmill demo $(DEST)
 
-test: setup
+# Debian's chromium for the gallery's browser test (playwright drives it; nothing downloaded).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
+	  else echo "chromium missing: sudo apt-get install chromium" >&2; exit 1; fi; }
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 # local->local vs gcs->gcs (emulator) on the same 200 images, printed as a ratio

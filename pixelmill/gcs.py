@@ -131,7 +131,12 @@ class GcsStorage:
         return f"GcsStorage({self.uri!r})"
 
     def _name(self, key: str) -> str:
+        """An object name to write: the key made safe (no '..', no leading '/')."""
         return self.base + safe_key(key)
+
+    def _listed(self, key: str) -> str:
+        """An object name to read: exactly as listed (a source may be named '../x.jpg')."""
+        return self.base + key
 
     def join(self, *parts: str) -> str:
         return "/".join([self.uri, *parts])
@@ -154,7 +159,7 @@ class GcsStorage:
             raise _translate(self.bucket_name, "list", f"objects under {match!r}", exc) from exc
 
     def read(self, key: str) -> bytes:
-        name = self._name(key)
+        name = self._listed(key)
         try:
             return self.bucket.blob(name).download_as_bytes(retry=RETRY,
                                                            timeout=REQUEST_TIMEOUT_S)
@@ -164,7 +169,7 @@ class GcsStorage:
             raise _translate(self.bucket_name, "get", name, exc) from exc
 
     def read_head(self, key: str, length: int) -> bytes:
-        name = self._name(key)
+        name = self._listed(key)
         try:
             return self.bucket.blob(name).download_as_bytes(start=0, end=length - 1, retry=RETRY,
                                                            timeout=REQUEST_TIMEOUT_S)
@@ -201,7 +206,7 @@ class GcsStorage:
             raise _translate(self.bucket_name, "create", name, exc) from exc
 
     def exists(self, key: str) -> bool:
-        name = self._name(key)
+        name = self._listed(key)
         return bool(self._call("get", name, lambda: self.bucket.blob(name).exists(
             retry=RETRY, timeout=REQUEST_TIMEOUT_S)))
 
