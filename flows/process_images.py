@@ -75,9 +75,14 @@ def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | 
         resources = {"resize": (first or result).resources}
         if first is not None:
             resources["filter"] = result.resources
-        summary = ChunkSummary(index=index, state="Completed", images=chunk_images,
+        summary = ChunkSummary(index=index, state=state.name, images=chunk_images,
                                resources=resources)
-        return list(result.images), summary, result
+        images = list(result.images)
+        reused = state.name == "Cached" and (resized is None or resized.state.name == "Cached")
+        if reused:  # every stage finished by an earlier run: its outputs are in place
+            images = [image.model_copy(update={"status": "skipped"})
+                      if image.status == "ok" else image for image in images]
+        return images, summary, result
     if resized is not None and resized.state.is_completed():
         reason = f"filter stage failed: {state.message or state.name}"
         images = [image.model_copy(update={"status": "failed", "error": reason})
@@ -161,8 +166,9 @@ def process_images(
         0.0, key=_artifact_key("progress", job),
         description=f"chunks done of {len(plan.chunks)} ({images} images)")
 
+    resize_job = job.without_filters()  # so changing the filters does not redo resizing
     with remote_options(**resize_resources.ray_options()):
-        resized = [resize_task.submit(job, chunk) for chunk in plan.chunks]
+        resized = [resize_task.submit(resize_job, chunk) for chunk in plan.chunks]
     last = resized
     if spec.filters:
         with remote_options(**filter_resources.ray_options()):
@@ -193,7 +199,7 @@ def process_images(
     logger.info("%d ok, %d failed; gallery at %s", report.counts.ok, report.counts.failed,
                 summary.object_url(destination, index))
 
-    failed_chunks = [chunk for chunk in summaries if chunk.state != "Completed"]
+    failed_chunks = [chunk for chunk in summaries if chunk.state not in ("Completed", "Cached")]
     if failed_chunks:
         return Failed(message=f"{len(failed_chunks)} of {len(summaries)} chunks failed",
                       data=report)

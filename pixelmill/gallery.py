@@ -135,7 +135,9 @@ def render_index(report: RunReport, sheets: list[str]) -> str:
 
 
 def build_gallery(report: RunReport, destination: Storage) -> str:
-    """Write contact sheets, index.html and (last) report.json; returns the index key."""
+    """Write contact sheets, index.html and (last) report.json; returns the index key.
+    Temp files of writers killed during the run (a worker lost to the OOM killer) go first."""
+    destination.discard_partial(report.run)
     sheets = contact_sheets(report, destination)
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets).encode("utf-8"),

@@ -211,6 +211,11 @@ class GcsStorage:
             retry=RETRY, timeout=REQUEST_TIMEOUT_S)))
 
 
+    def discard_partial(self, prefix: str) -> int:
+        """Nothing to do: uploads are single-shot, a killed writer leaves no object."""
+        return 0
+
+
 def crc32c(data: bytes) -> str:
     """The base64 CRC32C GCS keeps for every object."""
     return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")

@@ -37,6 +37,10 @@ class Job(Frozen):
         stem, dot, ext = name.rpartition(".")
         return f"{self.run}/{stem}-shard-{self.shard_index}-of-{self.shard_count}{dot}{ext}"
 
+    def without_filters(self) -> Job:
+        """The job as the resize stage sees it (its cache key must not change with filters)."""
+        return self.model_copy(update={"spec": self.spec.model_copy(update={"filters": ()})})
+
     def output_key(self, folder: str, relpath: str) -> str:
         """Key under the destination root: <run>/<folder>/<relpath>."""
         return f"{self.run}/{folder}/{relpath}"
@@ -69,6 +73,8 @@ class ImageResult(Frozen):
     outputs: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
     notes: tuple[str, ...] = ()
+    # The source's generation or mtime: carried so a later stage's cache key changes with it.
+    version: str = ""
 
     def report_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"source": self.source, "status": self.status}

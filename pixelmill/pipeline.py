@@ -109,7 +109,7 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
             writer.submit(f"{job.run}/{output}", rendered.data, spec.content_type)
             results.append(ImageResult(source=item.source, status="ok", width=rendered.width,
                                        height=rendered.height, outputs={"resized": output},
-                                       notes=tuple(rendered.notes)))
+                                       notes=tuple(rendered.notes), version=item.version))
     return results
 
 

@@ -46,6 +46,8 @@ class Storage(Protocol):
 
     def join(self, *parts: str) -> str: ...
 
+    def discard_partial(self, prefix: str) -> int: ...
+
 
 def safe_key(key: str) -> str:
     """A key that cannot leave its root: no leading '/', no '.', '..' or empty segments."""
@@ -117,6 +119,14 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def discard_partial(self, prefix: str) -> int:
+        """Delete temp files a killed writer left under `prefix`; returns how many."""
+        base = self._path(prefix)
+        found = list(base.rglob(f"{TEMP_PREFIX}*")) if base.is_dir() else []
+        for path in found:
+            path.unlink(missing_ok=True)
+        return len(found)
 
 
 def is_gcs(uri: str) -> bool:

@@ -40,7 +40,8 @@ def markdown(report: RunReport, gallery_key: str) -> str:
         f"- settings: {spec.size[0]}x{spec.size[1]} {spec.fit}, {spec.format} q{spec.quality}, "
         f"filters: {', '.join(spec.filters) or 'none'}",
         f"- chunks: {len(report.chunks)} "
-        f"({sum(c.state != 'Completed' for c in report.chunks)} failed)",
+        f"({sum(c.state not in ('Completed', 'Cached') for c in report.chunks)} failed, "
+        f"{sum(c.state == 'Cached' for c in report.chunks)} reused)",
         "",
         f"[Open the gallery]({object_url(report.destination, gallery_key)})",
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pixelmill.gcs import anonymous_adc_for_emulator, emulator_host
+from pixelmill.gcs import anonymous_adc_for_emulator
 from pixelmill.models import Job
 from pixelmill.storage import Storage, is_gcs, open_storage
 
@@ -20,8 +20,10 @@ def _block_client(block_name: str):
 
 
 def _client(job: Job, uri: str):
-    if not is_gcs(uri) or not job.gcp_credentials_block or emulator_host():
-        return None  # local, Application Default Credentials, or the emulator (anonymous)
+    """The named block's client; None means the default one (ADC, or anonymous when
+    STORAGE_EMULATOR_HOST is set; a block's client also talks to the emulator then)."""
+    if not is_gcs(uri) or not job.gcp_credentials_block:
+        return None
     return _block_client(job.gcp_credentials_block)
 
 
