@@ -147,8 +147,9 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
         progress.unlisten(listener)
     elapsed = time.monotonic() - started
     flow_run_id = state.state_details.flow_run_id
-    if info is not None and flow_run_id:
-        console.print(f"Flow run: {info.ui_url}/runs/flow-run/{flow_run_id}")
+    if flow_run_id:
+        ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
+        console.print(f"Flow run: {ui}/runs/flow-run/{flow_run_id}")
     result = state.result(raise_on_failure=False)
     if isinstance(result, UsageError):
         raise result

@@ -8,6 +8,7 @@ lost), or answers 403 for chosen buckets. Faults are deterministic: every Nth re
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import threading
 from collections import Counter
@@ -18,6 +19,22 @@ _BUCKET = re.compile(r"/b/([^/?]+)")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
         "proxy-authorization", "proxy-authenticate", "content-length"}
 MODES = ("503", "drop", "drop-after")
+
+
+_PATH_NAME = re.compile(r"/b/[^/?]+/o/([^?]+)")
+_BODY_NAME = re.compile(rb'"name":\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _object_name(path: str, body: bytes | None) -> str | None:
+    """The object a request is about: in the URL (reads) or the upload's JSON metadata."""
+    found = _PATH_NAME.search(path)
+    if found:
+        return unquote(found[1])
+    if "/upload/" in path and body:
+        named = _BODY_NAME.search(body[:4096])
+        if named:
+            return json.loads(b'"' + named[1] + b'"')
+    return None
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -61,8 +78,8 @@ class FaultProxy:
             self.requests += 1
             self.seen.append((method, path))
             bucket = _BUCKET.search(path)
-            named = unquote(path).encode() + (body or b"")[:4096]  # uploads name it in the body
-            if any(prefix.encode() in named for prefix in self.forbidden_objects):
+            name = _object_name(path, body)
+            if name and any(name.startswith(prefix) for prefix in self.forbidden_objects):
                 self.injected["403"] += 1
                 return "403"
             if bucket and bucket[1] in self.forbidden:
