@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup browser demo test bench-gcs clean
+.PHONY: setup browser demo test bench-gcs bench-memory clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test: setup browser
 # local->local vs gcs->gcs (emulator) on the same 200 images, printed as a ratio
 bench-gcs: setup
 	$(BIN)/python bench/gcs_vs_local.py
+
+# driver peak memory for 5,000 small images against 200, printed as a ratio
+bench-memory: setup
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
