@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup browser demo test bench-gcs bench-memory clean
+.PHONY: setup browser demo test bench bench-gcs bench-memory clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest
+
+# pixelmill vs the kernel ceiling and the predecessors (600 camera JPEGs; IMAGES= SIZE= change it)
+IMAGES ?= 600
+SIZE ?= 3000x2000
+bench: setup
+	$(BIN)/python bench/speed.py --images $(IMAGES) --size $(SIZE) $(BENCH_ARGS)
 
 # local->local vs gcs->gcs (emulator) on the same 200 images, printed as a ratio
 bench-gcs: setup

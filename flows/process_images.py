@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import time
+from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
@@ -149,6 +150,7 @@ def process_images(
     this run one of several disjoint shards that together cover every image once.
     """
     started = time.monotonic()
+    started_at = datetime.now(timezone.utc).isoformat()
     logger = get_run_logger()
     shard_index, shard_count = _shard(shard_index, shard_count)
     run = check_run_name(run_name) if run_name else _default_run_name(shard_count)
@@ -183,12 +185,13 @@ def process_images(
         upstream = resized[number] if spec.filters else None
         chunk_images, chunk_summary, result = _outcome(len(chunk.items), future, upstream, chunk)
         results.extend(chunk_images)
-        summaries.append(chunk_summary)
+        summaries.append(chunk_summary.model_copy(
+            update={"finished_s": round(time.monotonic() - started, 3)}))
         progress.chunk_done(result, len(chunk.items))
         update_progress_artifact(progress_artifact, 100.0 * len(summaries) / len(last))
 
     report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
-                             sorted(summaries, key=lambda chunk: chunk.index))
+                             sorted(summaries, key=lambda chunk: chunk.index), started_at)
     index = build_gallery(job, report)
     if not last:
         update_progress_artifact(progress_artifact, 100.0)

@@ -114,6 +114,7 @@ class ChunkSummary(Frozen):
     images: int
     resources: dict[str, dict[str, float]] = Field(default_factory=dict)
     error: str | None = None
+    finished_s: float | None = None  # seconds from the flow's start to this chunk's end
 
 
 class Counts(BaseModel):
@@ -135,6 +136,7 @@ class RunReport(BaseModel):
     images: list[ImageResult]
     duration_s: float
     chunks: list[ChunkSummary] = Field(default_factory=list)
+    started_at: str | None = None  # UTC ISO time the flow started (duration_s counts from it)
 
     @classmethod
     def build(
@@ -144,6 +146,7 @@ class RunReport(BaseModel):
         images: list[ImageResult],
         duration_s: float,
         chunks: list[ChunkSummary] | None = None,
+        started_at: str | None = None,
     ) -> RunReport:
         images = sorted(images, key=lambda image: image.source)
         counts = Counts(discovered=discovered)
@@ -159,6 +162,7 @@ class RunReport(BaseModel):
             images=images,
             duration_s=round(duration_s, 3),
             chunks=chunks or [],
+            started_at=started_at,
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -170,6 +174,7 @@ class RunReport(BaseModel):
             "counts": self.counts.model_dump(),
             "images": [image.report_entry() for image in self.images],
             "duration_s": self.duration_s,
+            "started_at": self.started_at,
             "chunks": [chunk.model_dump(mode="json", exclude_none=True) for chunk in self.chunks],
             **({"shard": {"index": self.job.shard_index, "count": self.job.shard_count}}
                if self.job.sharded else {}),

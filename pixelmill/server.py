@@ -78,14 +78,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def running(base: Path | None = None) -> ServerInfo | None:
-    """The server pixelmill started earlier, if it is still up and answering."""
-    state = _state_file(base or home())
+def _recorded(base: Path | None) -> ServerInfo | None:
+    """The server pixelmill wrote down when it started one, if any."""
     try:
-        info = ServerInfo(**json.loads(state.read_text()))
+        return ServerInfo(**json.loads(_state_file(base or home()).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return info if _alive(info.pid) and healthy(info.url) else None
+
+
+def running(base: Path | None = None) -> ServerInfo | None:
+    """The server pixelmill started earlier, if it is still up and answering."""
+    info = _recorded(base)
+    return info if info and _alive(info.pid) and healthy(info.url) else None
 
 
 def start(base: Path | None = None, port: int | None = None,
@@ -139,14 +143,12 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
 
 def stop(base: Path | None = None) -> ServerInfo | None:
     """Stop the server pixelmill started (if any); returns what was stopped."""
-    state = _state_file(base or home())
-    try:
-        info = ServerInfo(**json.loads(state.read_text()))
-    except (OSError, ValueError, TypeError):
+    info = _recorded(base)
+    if info is None:
         return None
     if _alive(info.pid):
         stop_pid(info.pid)
-    state.unlink(missing_ok=True)
+    _state_file(base or home()).unlink(missing_ok=True)
     return info
 
 
