@@ -41,9 +41,6 @@ class Job(Frozen):
         """The job as the resize stage sees it (its cache key must not change with filters)."""
         return self.model_copy(update={"spec": self.spec.model_copy(update={"filters": ()})})
 
-    def output_key(self, folder: str, relpath: str) -> str:
-        """Key under the destination root: <run>/<folder>/<relpath>."""
-        return f"{self.run}/{folder}/{relpath}"
 
 
 class ChunkItem(Frozen):

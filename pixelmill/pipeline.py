@@ -7,7 +7,6 @@ import logging
 import posixpath
 
 from pixelmill.errors import ImageError
-from pixelmill.filters import filter_folder
 from pixelmill.imageops import (
     SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
 )
@@ -137,8 +136,3 @@ def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[
     for image in resized.images:
         results.append(filtered.get(image.source, image))
     return results
-
-
-def expected_outputs(job: Job) -> list[str]:
-    """The output folders every ok image has, in report order."""
-    return ["resized", *(filter_folder(name) for name in job.spec.filters)]
