@@ -52,6 +52,32 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> dict:
             "peak_rss_mb": after.ru_maxrss / 1024, "stdout": result.stdout}
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory so far (VmHWM), in MB; 0 once it has gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    line = next((l for l in status.splitlines() if l.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1]) / 1024
+
+
+def run_watched(command: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run a command, sampling its peak memory; returns (result, wall seconds, peak MB)."""
+    started, peak = time.perf_counter(), 0.0
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    while process.poll() is None:
+        peak = max(peak, peak_rss_mb(process.pid))
+        time.sleep(0.1)
+    wall = time.perf_counter() - started
+    stdout = process.stdout.read() if process.stdout else ""
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, "")
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} exited {result.returncode}: {stdout[-2000:]}")
+    return result, wall, peak
+
+
 def write_results(name: str, data: dict) -> Path:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -11,42 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PIXELMILL, make_corpus, write_results  # noqa: E402
+from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
 from pixelmill import server  # noqa: E402
 
 
-def peak_rss_mb(pid: int) -> float:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    found = re.search(r"VmHWM:\s+(\d+) kB", text)
-    return int(found[1]) / 1024 if found else 0.0
-
-
 def run(source: Path, dest: Path, runner: str) -> dict:
-    started = time.perf_counter()
-    process = subprocess.Popen([PIXELMILL, "run", str(source), str(dest), "--size", "64x64",
-                                "--filter", "blur", "--runner", runner, "--run-name", "m"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = 0.0
-    while process.poll() is None:
-        peak = max(peak, peak_rss_mb(process.pid))
-        time.sleep(0.1)
-    out = process.stdout.read() if process.stdout else ""
-    if process.returncode != 0:
-        raise RuntimeError(f"pixelmill run exited {process.returncode}: {out[-2000:]}")
+    _, wall, peak = run_watched([PIXELMILL, "run", str(source), str(dest), "--size", "64x64",
+                                 "--filter", "blur", "--runner", runner, "--run-name", "m"])
     report = json.loads((dest / "m/report.json").read_text())
-    return {"images": report["counts"]["ok"], "wall_s": round(time.perf_counter() - started, 2),
+    return {"images": report["counts"]["ok"], "wall_s": round(wall, 2),
             "flow_s": report["duration_s"], "driver_peak_rss_mb": round(peak, 1),
             "chunks": len(report["chunks"]),
             "task_runs": 2 + len(report["chunks"]) * 2 + 1}  # discover, chunks x2, gallery

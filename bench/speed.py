@@ -12,12 +12,10 @@ Printed as a table and ratios; written to bench/results/speed.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PIXELMILL, make_corpus, write_results  # noqa: E402
+from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
 
 SPEC = {"size": (400, 300), "filters": ("blur",), "format": "jpeg", "quality": 85}
 
@@ -109,30 +107,13 @@ def run_predecessor_ray(files: list[Path], out: Path) -> dict:
     return {"startup_s": round(startup, 2)}
 
 
-def peak_of(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    line = next((l for l in status.splitlines() if l.startswith("VmHWM:")), "VmHWM: 0 kB")
-    return int(line.split()[1]) / 1024
-
-
 def run_pixelmill(corpus: Path, out: Path, runner: str) -> dict:
     from datetime import datetime
 
     launched = datetime.now().astimezone()
-    process = subprocess.Popen(
+    _, wall, peak = run_watched(
         [PIXELMILL, "run", str(corpus), str(out), "--size", "400x300", "--filter", "blur",
-         "--runner", runner, "--run-name", "bench"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    started, peak = time.perf_counter(), 0.0
-    while process.poll() is None:
-        peak = max(peak, peak_of(process.pid))
-        time.sleep(0.1)
-    wall = time.perf_counter() - started
-    if process.returncode != 0:
-        raise RuntimeError(f"pixelmill exited {process.returncode}")
+         "--runner", runner, "--run-name", "bench"])
     report = json.loads((out / "bench/report.json").read_text())
     chunks = sorted(report["chunks"], key=lambda chunk: chunk["finished_s"])
     finished = [chunk["finished_s"] for chunk in chunks]

@@ -290,9 +290,8 @@ def check(
     """Ray runs a remote task, the Prefect API answers, storage is reachable."""
     def command() -> int:
         problems = 0
-        info = _prepare_prefect(verbose=False)
+        _prepare_prefect(verbose=False)
         out.print(f"[green]ok[/green] Prefect API answers ({os.environ['PREFECT_API_URL']})")
-        del info
         import ray
 
         ray.init(address=ray_address, log_to_driver=False)

@@ -59,9 +59,6 @@ class Emulator:
         return storage.Client(credentials=AnonymousCredentials(), project="pixelmill-emulator",
                               client_options={"api_endpoint": self.url})
 
-    def create_bucket(self, name: str) -> None:
-        self.client().create_bucket(name)
-
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             stop_pid(self.process.pid)
