@@ -5,7 +5,9 @@
 The job, for every row: a camera JPEG -> 400x300 -> blur -> both written as JPEG q85.
 Rows: the kernel ceiling (pixelmill's own functions in a multiprocessing pool over all cores,
 no Prefect, no Ray); the predecessors (full decode + LANCZOS one image at a time, and the
-same split into one Ray task per core); pixelmill's real CLI with --runner ray / sequential.
+same split into one Ray task per core, on a Ray started for the run); pixelmill's real CLI
+with --runner ray on its long-lived local Ray (started before the rows, as after a first
+run), the same with a temporary Ray (--ray-address local), and --runner sequential.
 Printed as a table and ratios; written to bench/results/speed.json.
 """
 
@@ -89,7 +91,9 @@ def run_predecessor_ray(files: list[Path], out: Path) -> dict:
     import ray
 
     started = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # a Ray of its own for the run, as the predecessor started one each time
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
     startup = time.perf_counter() - started
 
     @ray.remote
@@ -107,13 +111,13 @@ def run_predecessor_ray(files: list[Path], out: Path) -> dict:
     return {"startup_s": round(startup, 2)}
 
 
-def run_pixelmill(corpus: Path, out: Path, runner: str) -> dict:
+def run_pixelmill(corpus: Path, out: Path, runner: str, *options: str) -> dict:
     from datetime import datetime
 
     launched = datetime.now().astimezone()
     _, wall, peak = run_watched(
         [PIXELMILL, "run", str(corpus), str(out), "--size", "400x300", "--filter", "blur",
-         "--runner", runner, "--run-name", "bench"])
+         "--runner", runner, "--run-name", "bench", *options])
     report = json.loads((out / "bench/report.json").read_text())
     chunks = sorted(report["chunks"], key=lambda chunk: chunk["finished_s"])
     finished = [chunk["finished_s"] for chunk in chunks]
@@ -138,7 +142,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--size", default="3000x2000")
     parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--rows", default="ceiling,pred-seq,pred-ray,pm-ray,pm-seq")
+    parser.add_argument("--rows", default="ceiling,pred-seq,pred-ray,pm-ray,pm-ray-temp,pm-seq")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -146,9 +150,11 @@ def main() -> None:
                          f"pixelmill-corpus-{args.images}-{args.size}-q{args.quality}",
                          args.images, width, height, args.quality)
     files = sorted(corpus.rglob("*.jpg"))
-    from pixelmill import server
+    from pixelmill import localray, server
 
-    server.ensure_api()  # a running server, as a user who runs pixelmill twice has
+    server.ensure_api()  # a running server and Ray, as a user who runs pixelmill twice has
+    if "pm-ray" in args.rows.split(","):
+        localray.ensure()
     rows = {}
     wanted = args.rows.split(",")
     print(f"{len(files)} JPEGs {args.size} q{args.quality} -> 400x300 + blur, "
@@ -158,6 +164,8 @@ def main() -> None:
         "pred-seq": ("predecessor sequential", lambda out: run_predecessor_sequential(files, out)),
         "pred-ray": ("predecessor Ray chunks", lambda out: run_predecessor_ray(files, out)),
         "pm-ray": ("pixelmill --runner ray", lambda out: run_pixelmill(corpus, out, "ray")),
+        "pm-ray-temp": ("pixelmill ray, temporary Ray",
+                        lambda out: run_pixelmill(corpus, out, "ray", "--ray-address", "local")),
         "pm-seq": ("pixelmill --runner sequential",
                    lambda out: run_pixelmill(corpus, out, "sequential")),
     }

@@ -27,14 +27,26 @@ from pixelmill.errors import UsageError
 from pixelmill.layout import check_run_name, check_shard, run_stamp
 from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
+from flows.ray_runner import ArgumentsRayTaskRunner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
 
-def make_task_runner(runner: str = "ray", ray_address: str | None = None):
-    """The task runner for `--runner`: Ray (local or `ray_address`), threads, or one thread."""
+def make_task_runner(runner: str = "ray", ray_address: str | None = None,
+                     job_env: dict[str, str] | None = None):
+    """The task runner for `--runner`: Ray (`ray_address`, RAY_ADDRESS or a temporary local
+    one), threads, or one thread.
+
+    `job_env` is given to the Ray job's workers (for pixelmill's long-lived local Ray, whose
+    workers would otherwise see the environment of the command that started it)."""
     if check_runner(runner) == "ray":
-        return RayTaskRunner(address=ray_address or os.environ.get("RAY_ADDRESS"),
-                             init_kwargs={"log_to_driver": False, "include_dashboard": False,
-                                          "logging_level": logging.WARNING})
+        init_kwargs = {"log_to_driver": False, "logging_level": logging.WARNING}
+        # No address: a temporary local Ray for this flow run, never whatever cluster
+        # `ray start` left on the machine (Ray's own default would attach to that one).
+        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":
+            init_kwargs["include_dashboard"] = False
+        if job_env:
+            init_kwargs["runtime_env"] = {"env_vars": dict(job_env)}
+        return ArgumentsRayTaskRunner(address=address, init_kwargs=init_kwargs)
     return ThreadPoolTaskRunner(max_workers=(os.cpu_count() or 1) if runner == "threads" else 1)
 
 

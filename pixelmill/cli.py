@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pixelmill import server
+from pixelmill import localray, server
 from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
 from pixelmill.models import ChunkResult, RunReport
@@ -30,7 +30,8 @@ DEMO_FILTERS = ("blur", "sharpen", "contour", "emboss")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch image pipeline on Prefect + Ray: resize, filter, gallery.")
-server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server pixelmill starts.")
+server_app = typer.Typer(no_args_is_help=True,
+                         help="The local Prefect server and Ray pixelmill starts.")
 app.add_typer(server_app, name="server")
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -100,6 +101,20 @@ def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
     return info
 
 
+def _local_ray() -> tuple[str, dict[str, str]]:
+    """pixelmill's long-lived local Ray (started now if needed): its address and the
+    environment this run's workers get."""
+    try:
+        info, started = localray.ensure()
+    except RuntimeError as exc:
+        raise Fail(EXIT_RUN_FAILED, f"could not start a local Ray: {str(exc).splitlines()[0]} "
+                   "(--ray-address local runs a temporary one)") from None
+    if started:
+        console.print(f"Ray: started a local cluster at {info.address} for this and later "
+                      "runs (`pixelmill server stop` ends it)")
+    return info.address, localray.job_env()
+
+
 def _check_source(source: str) -> None:
     """Fail before anything starts when SOURCE cannot be listed (exit 2, nothing written)."""
     if not is_gcs(source):
@@ -130,11 +145,15 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     if chunk_size is not None and chunk_size < 1:
         raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
     info = _prepare_prefect(verbose)
+    job_env = None
+    if runner == "ray" and not ray_address:
+        ray_address, job_env = _local_ray()
 
     from flows.process_images import make_task_runner, process_images  # after the API is set
     from pixelmill import progress
 
-    flow = process_images.with_options(task_runner=make_task_runner(runner, ray_address))
+    flow = process_images.with_options(
+        task_runner=make_task_runner(runner, ray_address, job_env))
     listener = RichProgress()
     progress.listen(listener)
     started = time.monotonic()
@@ -204,8 +223,10 @@ def run(
     upscale: Annotated[bool, typer.Option("--upscale", help="enlarge small images")] = False,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size")] = None,
     runner: Annotated[str, typer.Option("--runner", help="ray | threads | sequential")] = "ray",
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address",
-                                                       envvar="RAY_ADDRESS")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS",
+        help="a Ray cluster; default: pixelmill's local one, kept running between runs; "
+             "'local': a temporary one for this run")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name")] = None,
     gcp_credentials_block: Annotated[Optional[str], typer.Option(
         "--gcp-credentials-block", help="a prefect-gcp GcpCredentials block; default: ADC")] = None,
@@ -294,7 +315,11 @@ def check(
         out.print(f"[green]ok[/green] Prefect API answers ({os.environ['PREFECT_API_URL']})")
         import ray
 
-        ray.init(address=ray_address, log_to_driver=False)
+        job_env = None
+        if not ray_address:
+            ray_address, job_env = _local_ray()
+        ray.init(address=ray_address, log_to_driver=False,
+                 runtime_env={"env_vars": job_env} if job_env else None)
         try:
             @ray.remote
             def where() -> str:
@@ -364,8 +389,11 @@ def gcs_emulator(
 
 @server_app.command("status")
 def server_status() -> None:
-    """Show the local Prefect server pixelmill started, if it is running."""
+    """Show the local Prefect server (and Ray) pixelmill started, if running."""
     info = server.running()
+    ray_info = localray.running()
+    if ray_info is not None:
+        out.print(f"ray: pid {ray_info.pid}, address {ray_info.address}, log {ray_info.log}")
     if info is None:
         out.print("no pixelmill-started Prefect server is running")
         raise typer.Exit(1)
@@ -373,15 +401,23 @@ def server_status() -> None:
 
 
 @server_app.command("start")
-def server_start() -> None:
-    """Start the local Prefect server now (commands start it on demand anyway)."""
+def server_start(
+    ray: Annotated[bool, typer.Option("--ray/--no-ray", help="also the local Ray")] = True,
+) -> None:
+    """Start the local Prefect server and Ray now (runs start them on demand anyway)."""
     info = server.running() or server.start()
     out.print(f"running: pid {info.pid}, UI {info.ui_url}")
+    if ray:
+        ray_info, _ = localray.ensure()
+        out.print(f"ray: pid {ray_info.pid}, address {ray_info.address}")
 
 
 @server_app.command("stop")
 def server_stop() -> None:
-    """Stop the local Prefect server pixelmill started."""
+    """Stop the local Prefect server and Ray pixelmill started."""
+    ray_info = localray.stop()
+    if ray_info:
+        out.print(f"stopped ray pid {ray_info.pid}")
     info = server.stop()
     out.print(f"stopped pid {info.pid}" if info else "no pixelmill-started server was running")
 

@@ -70,7 +70,7 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except OSError:
@@ -89,7 +89,7 @@ def _recorded(base: Path | None) -> ServerInfo | None:
 def running(base: Path | None = None) -> ServerInfo | None:
     """The server pixelmill started earlier, if it is still up and answering."""
     info = _recorded(base)
-    return info if info and _alive(info.pid) and healthy(info.url) else None
+    return info if info and alive(info.pid) and healthy(info.url) else None
 
 
 def start(base: Path | None = None, port: int | None = None,
@@ -135,8 +135,8 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                done = 0 if _alive(pid) else pid
-            if done or not _alive(pid):
+                done = 0 if alive(pid) else pid
+            if done or not alive(pid):
                 return
             time.sleep(0.2)
 
@@ -146,7 +146,7 @@ def stop(base: Path | None = None) -> ServerInfo | None:
     info = _recorded(base)
     if info is None:
         return None
-    if _alive(info.pid):
+    if alive(info.pid):
         stop_pid(info.pid)
     _state_file(base or home()).unlink(missing_ok=True)
     return info

@@ -33,6 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_local_ray_left_behind() -> Iterator[None]:
+    """A `--runner ray` command in a test starts pixelmill's long-lived Ray under the session
+    home unless the test stops it; stop it with the session either way."""
+    yield
+    from pixelmill import localray
+
+    localray.stop(_SESSION_HOME)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """A real Prefect server process on a free loopback port for the whole session."""
@@ -48,8 +58,8 @@ def ray_cluster(prefect_api: str) -> Iterator[dict[str, float]]:
     """A real local Ray with 2 CPUs and one *logical* GPU (no GPU here: Ray only counts it)."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+             log_to_driver=False, logging_level="WARNING")
     try:
         yield dict(ray.cluster_resources())
     finally:

@@ -36,10 +36,11 @@ def test_make_demo_builds_the_gallery_with_its_own_server(tmp_path):
         status = subprocess.run([str(ROOT / ".venv/bin/pixelmill"), "server", "status"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "running" in status.stdout
+        assert "ray: pid" in status.stdout  # and the local Ray the demo's run started
     finally:
         stop = subprocess.run([str(ROOT / ".venv/bin/pixelmill"), "server", "stop"], env=env,
                               capture_output=True, text=True, timeout=60)
-    assert "stopped pid" in stop.stdout
+    assert "stopped pid" in stop.stdout and "stopped ray pid" in stop.stdout
     after = subprocess.run([str(ROOT / ".venv/bin/pixelmill"), "server", "status"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert after.returncode == 1

@@ -1,0 +1,80 @@
+"""pixelmill's long-lived local Ray: started by the first `--runner ray` run, reused by the
+next, each run's workers see that run's environment, and `pixelmill server stop` ends it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pixelmill import localray
+from pixelmill.server import alive
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+PIXELMILL = str(ROOT / ".venv/bin/pixelmill")
+
+PROBE = """
+import os, ray
+from pixelmill import localray
+info, started = localray.ensure()
+ray.init(address=info.address, log_to_driver=False, runtime_env={"env_vars": localray.job_env()})
+seen = ray.get(ray.remote(lambda: os.environ.get("PIXELMILL_PROBE")).remote())
+print(started, seen)
+"""
+
+
+def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, prefect_api):
+    home = tmp_path / "home"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(PIXELMILL_HOME=str(home), PIXELMILL_PROBE="from-the-first-command")
+    source = tmp_path / "src"
+    source.mkdir()
+    for number in range(4):
+        Image.new("RGB", (320, 240), (60 * number, 90, 200)).save(source / f"{number}.jpg")
+    run = [PIXELMILL, "run", str(source), str(tmp_path / "dst"), "--size", "64x48",
+           "--runner", "ray"]
+    try:
+        first = subprocess.run([*run, "--run-name", "one"], env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        assert "Ray: started a local cluster at 127.0.0.1:" in first.stderr
+        info = json.loads((home / "ray.json").read_text())
+        assert alive(info["pid"]) and info["python"] == sys.executable
+
+        second = subprocess.run([*run, "--run-name", "two"], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+        assert "started a local cluster" not in second.stderr
+        assert json.loads((home / "ray.json").read_text())["pid"] == info["pid"]
+        assert json.loads((tmp_path / "dst/two/report.json").read_text())["counts"]["ok"] == 4
+
+        # workers see the submitting command's variables, not those of the command that
+        # happened to start the cluster
+        probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                               env={**env, "PIXELMILL_PROBE": "from-this-command"},
+                               timeout=300, cwd=ROOT)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        assert probe.stdout.split()[-2:] == ["False", "from-this-command"]
+
+        status = subprocess.run([PIXELMILL, "server", "status"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert f"ray: pid {info['pid']}, address {info['address']}" in status.stdout
+    finally:
+        stop = subprocess.run([PIXELMILL, "server", "stop"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        localray.stop(home)  # in case the command above failed
+    assert f"stopped ray pid {info['pid']}" in stop.stdout
+    assert not alive(info["pid"]) and not (home / "ray.json").exists()
+
+
+def test_job_env_keeps_only_what_a_run_needs():
+    environ = {"PREFECT_API_URL": "u", "PIXELMILL_HOME": "h", "GOOGLE_CLOUD_PROJECT": "p",
+               "STORAGE_EMULATOR_HOST": "e", "HOME": "/root", "RAY_ADDRESS": "a", "PATH": "/x"}
+    assert localray.job_env(environ) == {"PREFECT_API_URL": "u", "PIXELMILL_HOME": "h",
+                                         "GOOGLE_CLOUD_PROJECT": "p",
+                                         "STORAGE_EMULATOR_HOST": "e"}

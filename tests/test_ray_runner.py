@@ -1,0 +1,76 @@
+"""The task runner's two fixes to prefect-ray, on the session's real local Ray."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+
+from flows.process_images import make_task_runner
+from flows.ray_runner import ArgumentsRayTaskRunner, _with_validated_settings
+
+pytestmark = pytest.mark.slow
+
+
+def test_upstream_values_come_from_the_resolved_arguments_not_ray_get(ray_cluster):
+    """The nested ref is replaced by the positional value Ray resolved, in order; calling
+    ray.get on it instead would return what the refs hold ("stale-...")."""
+    import ray
+    from prefect import task
+
+    @task(persist_result=False)
+    def pair(first: str, nested: dict) -> tuple[str, str]:
+        return first, nested["second"]
+
+    refs = [ray.put("stale-first"), ray.put("stale-second")]
+    state = ArgumentsRayTaskRunner._run_prefect_task(
+        "resolved-first", "resolved-second", task=pair, task_run_id=uuid4(), context={},
+        parameters={"first": refs[0], "nested": {"second": refs[1]}})
+    assert state.is_completed(), state.message
+    assert state.result() == ("resolved-first", "resolved-second")
+
+
+def test_a_dependent_task_gets_its_upstream_result_on_ray(ray_cluster):
+    from prefect import flow, task
+
+    @task(persist_result=False)
+    def double(value: int) -> int:
+        return value * 2
+
+    @flow(task_runner=make_task_runner("ray"))
+    def chain() -> list[int]:
+        firsts = [double.submit(value) for value in range(4)]
+        return [future.result() for future in [double.submit(first) for first in firsts]]
+
+    assert chain() == [0, 4, 8, 12]
+
+
+def test_settings_are_validated_once_per_distinct_serialization(prefect_api):
+    from prefect.context import SettingsContext
+
+    serialized = SettingsContext.get().serialize()
+    first = _with_validated_settings({"settings_context": serialized, "other": 1})
+    again = _with_validated_settings({"settings_context": dict(serialized), "other": 2})
+    assert first["other"] == 1 and again["other"] == 2
+    assert first["settings_context"]["settings"] is again["settings_context"]["settings"]
+    expected = SettingsContext(**serialized).settings
+    assert first["settings_context"]["settings"] == expected
+    assert str(first["settings_context"]["settings"].api.url) == prefect_api
+
+    changed = {**serialized, "settings": {**serialized["settings"],
+                                          "api": {**serialized["settings"]["api"],
+                                                  "url": "http://127.0.0.1:9/api"}}}
+    other = _with_validated_settings({"settings_context": changed})
+    assert str(other["settings_context"]["settings"].api.url) == "http://127.0.0.1:9/api"
+    assert _with_validated_settings({"flow_run_context": {}}) == {"flow_run_context": {}}
+
+
+def test_without_an_address_the_runner_starts_its_own_ray_not_a_machine_wide_one(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    runner = make_task_runner("ray")
+    assert runner.address == "local" and runner.init_kwargs["include_dashboard"] is False
+    given = make_task_runner("ray", "127.0.0.1:6390", {"PIXELMILL_X": "1"})
+    assert given.address == "127.0.0.1:6390" and "include_dashboard" not in given.init_kwargs
+    assert given.init_kwargs["runtime_env"] == {"env_vars": {"PIXELMILL_X": "1"}}
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert make_task_runner("ray").address == "10.0.0.1:6379"
