@@ -315,10 +315,8 @@ def check(
         out.print(f"[green]ok[/green] Prefect API answers ({os.environ['PREFECT_API_URL']})")
         import ray
 
-        job_env = None
-        if not ray_address:
-            ray_address, job_env = _local_ray()
-        ray.init(address=ray_address, log_to_driver=False,
+        address, job_env = (ray_address, None) if ray_address else _local_ray()
+        ray.init(address=address, log_to_driver=False,
                  runtime_env={"env_vars": job_env} if job_env else None)
         try:
             @ray.remote
