@@ -152,8 +152,11 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     from flows.process_images import make_task_runner, process_images  # after the API is set
     from pixelmill import progress
 
-    flow = process_images.with_options(
-        task_runner=make_task_runner(runner, ray_address, job_env))
+    task_runner = make_task_runner(runner, ray_address, job_env)
+    connected = hasattr(task_runner, "connect")
+    if connected:
+        task_runner.connect()  # Ray's workers warm up while the flow run is set up
+    flow = process_images.with_options(task_runner=task_runner)
     listener = RichProgress()
     progress.listen(listener)
     started = time.monotonic()
@@ -164,6 +167,10 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
                          result_storage=result_storage, return_state=True)
     finally:
         progress.unlisten(listener)
+        if connected:
+            import ray
+
+            ray.shutdown()
     elapsed = time.monotonic() - started
     flow_run_id = state.state_details.flow_run_id
     if flow_run_id:

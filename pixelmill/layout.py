@@ -21,9 +21,11 @@ IMAGE_EXTENSIONS = {
 # A flow run must stay within a few hundred task runs (two per chunk): the server's event
 # queue dropped events for flows with thousands of task runs (PLATFORM.md).
 MAX_CHUNKS = 150
-# Images per chunk that make Prefect's ~0.15 s per task run about 10 % of a chunk's work
-# at ~30 ms per image; chunks are smaller only when there would be too few to share the cores.
-TARGET_CHUNK = 40
+# Images per chunk from measured costs (bench/speed.py, 6 MP JPEGs on 2 cores): a chunk is
+# two task runs (resize ~16 ms and filter ~7.5 ms per image) and each task run costs Prefect
+# and Ray ~0.1 s, so 80 images keep orchestration near 10 % of a chunk's ~1.9 s of work.
+# Chunks are smaller only when there would be too few to share the cores.
+TARGET_CHUNK = 80
 # Chunks per core for small runs, so a slow chunk does not leave a core idle at the end.
 CHUNKS_PER_CORE = 4
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

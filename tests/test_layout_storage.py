@@ -160,6 +160,12 @@ def test_small_run_is_split_across_two_cores():
     assert len(make_chunks(_items(24), size)) >= 2
 
 
+def test_chunks_of_a_camera_batch_share_the_cores_and_stay_near_the_target():
+    assert choose_chunk_size(600, 2) == 75  # 8 chunks: 4 per core, ~1.7 s of work each
+    assert choose_chunk_size(100_000, 64) == 667  # the 150-chunk cap wins over the target
+    assert choose_chunk_size(10_000, 8) == 80
+
+
 @pytest.mark.parametrize("cores", [1, 2, 8, 64])
 def test_large_run_stays_under_the_chunk_cap(cores):
     size = choose_chunk_size(5000, cores)
