@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -63,15 +64,18 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def run_watched(command: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a command, sampling its peak memory; returns (result, wall seconds, peak MB)."""
+    """Run a command, sampling its peak memory; returns (result with stdout and stderr in
+    `stdout`, wall seconds, peak MB). Output goes to a file, so a chatty command never
+    blocks on a full pipe while it is being sampled."""
     started, peak = time.perf_counter(), 0.0
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
-    while process.poll() is None:
-        peak = max(peak, peak_rss_mb(process.pid))
-        time.sleep(0.1)
-    wall = time.perf_counter() - started
-    stdout = process.stdout.read() if process.stdout else ""
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+        while process.poll() is None:
+            peak = max(peak, peak_rss_mb(process.pid))
+            time.sleep(0.1)
+        wall = time.perf_counter() - started
+        output.seek(0)
+        stdout = output.read()
     result = subprocess.CompletedProcess(command, process.returncode, stdout, "")
     if result.returncode != 0:
         raise RuntimeError(f"{command[0]} exited {result.returncode}: {stdout[-2000:]}")

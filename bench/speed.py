@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -114,30 +116,51 @@ def run_predecessor_ray(files: list[Path], out: Path) -> dict:
     return {"startup_s": round(startup, 2)}
 
 
-def run_pixelmill(corpus: Path, out: Path, runner: str, *options: str) -> dict:
-    from datetime import datetime
+def _chunk_task_window(output: str) -> tuple[datetime, datetime]:
+    """When the run's first chunk task started running and its last one finished, read from
+    the Prefect API (the flow run's URL is in the command's output)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    flow_run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", output).group(1)
+    task_runs, page = [], 200  # the API's largest page
+    with get_client(sync_client=True) as client:
+        while len(task_runs) % page == 0:
+            batch = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                limit=page, offset=len(task_runs))
+            task_runs += batch
+            if not batch:
+                break
+    chunks = [run for run in task_runs if run.name.startswith(("resize-chunk", "filter-chunk"))
+              and run.start_time and run.end_time]
+    return min(run.start_time for run in chunks), max(run.end_time for run in chunks)
+
+
+def run_pixelmill(corpus: Path, out: Path, runner: str, *options: str) -> dict:
+    """The real CLI; times from its report (chunk finish times) and from the Prefect API.
+
+    start-up: command -> first finished chunk (as the issue defines it); work start: command ->
+    first chunk task running; processing: work start -> last chunk finished, the window in
+    which the workers do the images (steady rate = images / processing); teardown: last chunk
+    -> command exit (gallery, flow end, disconnect)."""
     launched = datetime.now().astimezone()
-    _, wall, peak = run_watched(
+    result, wall, peak = run_watched(
         [PIXELMILL, "run", str(corpus), str(out), "--size", "400x300", "--filter", "blur",
          "--runner", runner, "--run-name", "bench", *options])
     report = json.loads((out / "bench/report.json").read_text())
-    chunks = sorted(report["chunks"], key=lambda chunk: chunk["finished_s"])
-    finished = [chunk["finished_s"] for chunk in chunks]
-    flow_s = report["duration_s"]
-    to_flow = (datetime.fromisoformat(report["started_at"]) - launched).total_seconds()
-    startup = to_flow + finished[0]  # command start -> first finished chunk
-    teardown = wall - to_flow - flow_s  # flow end -> command exit (Ray shutdown, flush)
-    # Steady state: after the first wave (one chunk per core) until the last chunk.
-    wave = min(os.cpu_count() or 1, len(chunks)) - 1
-    later = sum(chunk["images"] for chunk in chunks[wave + 1:])
-    span = finished[-1] - finished[wave]
-    steady = later / span if later and span > 0 else None
-    return {"driver_peak_rss_mb": round(peak, 1), "flow_s": flow_s,
-            "startup_s": round(startup, 2), "before_flow_s": round(to_flow, 2),
-            "teardown_s": round(teardown, 2), "steady_images_per_s": steady and round(steady, 2),
-            "chunks": len(finished), "ok": report["counts"]["ok"],
-            "first_chunk_images": chunks[0]["images"]}
+    flow_started = datetime.fromisoformat(report["started_at"])
+    first_chunk = min(chunk["finished_s"] for chunk in report["chunks"])
+    work_start, work_end = _chunk_task_window(result.stdout)
+    processing = (work_end - work_start).total_seconds()
+    return {"driver_peak_rss_mb": round(peak, 1), "flow_s": report["duration_s"],
+            "before_flow_s": round((flow_started - launched).total_seconds(), 2),
+            "startup_s": round((flow_started - launched).total_seconds() + first_chunk, 2),
+            "work_start_s": round((work_start - launched).total_seconds(), 2),
+            "processing_s": round(processing, 2),
+            "steady_images_per_s": round(report["counts"]["ok"] / processing, 2),
+            "teardown_s": round(wall - (work_end - launched).total_seconds(), 2),
+            "chunks": len(report["chunks"]), "ok": report["counts"]["ok"]}
 
 
 def main() -> None:
@@ -188,20 +211,21 @@ def main() -> None:
     ratios = {}
     if "pm-ray" in rows:
         pm = rows["pm-ray"]
-        steady = pm.get("steady_images_per_s") or pm["images_per_s"]
-        for key, name in (("ceiling", "steady/ceiling"), ("pred-seq", "pixelmill/pred-seq"),
-                          ("pred-ray", "pixelmill/pred-ray")):
+        if "ceiling" in rows:
+            ceiling = rows["ceiling"]
+            ratios["steady/ceiling"] = round(pm["steady_images_per_s"] / ceiling["images_per_s"], 2)
+            # orchestration overhead: time the workers spend on the images beyond what the
+            # ceiling needs for them, as a share of the whole run (start-up and teardown apart)
+            overhead = pm["processing_s"] - ceiling["seconds"]
+            ratios["overhead_share"] = round(overhead / pm["seconds"], 3)
+        for key in ("pred-seq", "pred-ray"):
             if key in rows:
                 base = rows[key]["images_per_s"]
-                ratios[name] = round((steady if key == "ceiling" else pm["images_per_s"]) / base, 2)
-        if "ceiling" in rows:
-            # orchestration overhead: pixelmill's time after its first chunk (start-up) and
-            # before its exit (teardown), minus what the ceiling needs for the same images
-            remaining = 1 - pm["first_chunk_images"] / pm["ok"]
-            overhead = (pm["seconds"] - pm["startup_s"] - pm["teardown_s"]
-                        - rows["ceiling"]["seconds"] * remaining)
-            ratios["overhead_share"] = round(max(overhead, 0) / pm["seconds"], 3)
+                ratios[f"steady/{key}"] = round(pm["steady_images_per_s"] / base, 2)
+                ratios[f"pixelmill/{key}"] = round(pm["images_per_s"] / base, 2)
         ratios["startup_s"] = pm["startup_s"]
+        ratios["work_start_s"] = pm["work_start_s"]
+        ratios["teardown_s"] = pm["teardown_s"]
     print("\n| row | s | images/s | machine CPU s | peak MB |\n|---|---|---|---|---|")
     for row in rows.values():
         peak = row.get("driver_peak_rss_mb", row["peak_rss_mb"])
