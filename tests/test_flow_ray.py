@@ -98,6 +98,12 @@ def test_server_api_shows_the_flow_run_and_its_task_runs(ray_run):
     assert {f"filter-chunk-{c}" for c in chunks} <= set(names)
     assert all(names[f"resize-chunk-{c}"] == "COMPLETED" for c in chunks)
     assert any(name.startswith("discover") for name in names)
+    # lineage: each filter chunk's input is its own resize chunk (the UI draws the edge)
+    by_id = {run.id: run.name for run in task_runs}
+    for run in task_runs:
+        if run.name.startswith("filter-chunk-"):
+            upstream = {by_id.get(item.id) for item in run.task_inputs["resized"]}
+            assert run.name.replace("filter", "resize") in upstream, (run.name, upstream)
 
 
 def test_a_chunk_that_fails_for_good_fails_only_itself(tmp_path, ray_cluster, monkeypatch):
