@@ -15,13 +15,19 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any, Iterable
-from uuid import UUID
+from uuid import UUID, uuid4
 
-from prefect.context import SettingsContext
+from prefect.context import (
+    AssetContext, EngineContext, SettingsContext, TagsContext, TaskRunContext, _deployment_id,
+    _deployment_parameters,
+)
 from prefect.futures import PrefectFuture
 from prefect.task_engine import run_task_async, run_task_sync
 from prefect.utilities.collections import visit_collection
+from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
+from prefect_ray.context import RemoteOptionsContext
+from prefect_ray.task_runners import PrefectRayFuture
 
 
 _settings: dict[str, dict[str, Any]] = {}
@@ -69,6 +75,11 @@ def _warm_workers() -> None:
 class ArgumentsRayTaskRunner(RayTaskRunner):
     """A RayTaskRunner whose tasks never call `ray.get` for their upstream results."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._remotes: dict[tuple[str, str], Any] = {}
+        self._settings: tuple[SettingsContext | None, dict[str, Any]] | None = None
+
     def connect(self) -> None:
         """Connect to Ray (or start it) and warm its workers now, before the flow starts;
         the flow's runner then finds Ray initialised and uses it. The caller disconnects
@@ -79,6 +90,54 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
             address = (self.address,) if self.address and self.address != "auto" else ()
             ray.init(*address, **self.init_kwargs)
             _warm_workers()
+
+    def submit(self, task, parameters: dict[str, Any],
+               wait_for: Iterable[PrefectFuture[Any]] | None = None,
+               dependencies=None) -> PrefectRayFuture:
+        """prefect-ray's submit, with the settings serialized once per flow run instead of
+        for every task (~40 ms of the flow's CPU per submission, measured with cProfile),
+        and one Ray remote function per set of remote options."""
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        task_run_id = uuid4()
+        task_inputs = {name: collect_task_run_inputs_sync(value, future_cls=PrefectRayFuture)
+                       for name, value in parameters.items()}
+        context = self._serialize_context({"task": task, "task_run_id": task_run_id,
+                                           "task_inputs": task_inputs,
+                                           "copy_to_child_ctx": True})
+        parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
+        object_ref = self._remote(task.name).remote(
+            *upstream_refs, task=task, task_run_id=task_run_id, parameters=parameters,
+            wait_for=wait_for, dependencies=dependencies, context=context)
+        return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
+
+    def _remote(self, name: str):
+        import ray
+
+        options = RemoteOptionsContext.get().current_remote_options
+        key = (name, json.dumps(options, sort_keys=True, default=str))
+        if key not in self._remotes:
+            decorator = ray.remote(**options) if options else ray.remote
+            self._remotes[key] = decorator(self._run_prefect_task).options(name=name)
+        return self._remotes[key]
+
+    def _serialize_context(self, asset_ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`prefect.context.serialize_context(asset_ctx_kwargs)`, reusing the serialized
+        settings while the settings context is the same object (it is for a whole run)."""
+        settings = SettingsContext.get()
+        if self._settings is None or self._settings[0] is not settings:
+            self._settings = (settings, settings.serialize() if settings else {})
+        flow_run_context, task_run_context = EngineContext.get(), TaskRunContext.get()
+        tags_context, deployment_id = TagsContext.get(), _deployment_id.get()
+        return {
+            "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
+            "task_run_context": task_run_context.serialize() if task_run_context else {},
+            "tags_context": tags_context.serialize() if tags_context else {},
+            "settings_context": self._settings[1],
+            "asset_context": AssetContext.from_task_and_inputs(**asset_ctx_kwargs).serialize(),
+            "deployment_id": str(deployment_id) if deployment_id else None,
+            "deployment_parameters": _deployment_parameters.get(),
+        }
 
     def __enter__(self):
         import ray

@@ -74,3 +74,32 @@ def test_without_an_address_the_runner_starts_its_own_ray_not_a_machine_wide_one
     assert given.init_kwargs["runtime_env"] == {"env_vars": {"PIXELMILL_X": "1"}}
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert make_task_runner("ray").address == "10.0.0.1:6379"
+
+
+def test_the_cached_context_equals_prefects_own_serialization(prefect_api):
+    """The submit side builds the same context as prefect.context.serialize_context, with the
+    settings serialized once per settings context."""
+    from prefect import flow, task
+    from prefect.context import serialize_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    @task
+    def noop() -> None:
+        return None
+
+    runner = make_task_runner("ray")
+    task_run_id = uuid4()
+    kwargs = {"task": noop, "task_run_id": task_run_id, "task_inputs": {},
+              "copy_to_child_ctx": True}
+
+    @flow
+    def compare() -> tuple[dict, dict, dict, dict]:
+        ours, again = runner._serialize_context(kwargs), runner._serialize_context(kwargs)
+        with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+            changed = runner._serialize_context(kwargs)
+        return ours, again, serialize_context(kwargs), changed
+
+    ours, again, theirs, changed = compare()
+    assert ours == theirs
+    assert again["settings_context"] is ours["settings_context"]  # serialized once
+    assert changed["settings_context"]["settings"]["api"]["url"] == "http://127.0.0.1:9/api"
