@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -38,9 +39,9 @@ READY_LINE = "Ray runtime started"
 JOB_ENV_PREFIXES = ("PREFECT_", "PIXELMILL_", "GOOGLE_", "STORAGE_EMULATOR_HOST",
                     "CLOUD_RUN_", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY",
                     "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
-# Token authentication (Ray's default for local clusters since 2.59): the token is Ray's own
-# file, ~/.ray/auth_token, which `ray start` creates and drivers read.
-AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+# Token authentication (Ray's default for local clusters since 2.59), with pixelmill's own
+# token file: `ray start` does not create one, and ~/.ray is the user's.
+TOKEN_FILE = "ray-auth-token"
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RayInfo:
     pid: int  # `ray start --block`, leader of the cluster's process group
     log: str
     python: str  # the interpreter the cluster's workers run
+    token: str = ""  # the token file drivers authenticate with
 
 
 def _state_file(base: Path) -> Path:
@@ -92,7 +94,8 @@ def start(base: Path | None = None, port: int | None = None,
     log_path = base / "ray.log"
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(JOB_ENV_PREFIXES) and key != "RAY_ADDRESS"}
-    env.update(AUTH_ENV)
+    auth = _auth_env(base)
+    env.update(auth)
     ray = Path(sys.executable).with_name("ray")
     command = [str(ray) if ray.exists() else "ray", "start", "--head", "--block",
                "--port", str(port), "--node-ip-address", "127.0.0.1",
@@ -103,7 +106,7 @@ def start(base: Path | None = None, port: int | None = None,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
                                    cwd=base)
     info = RayInfo(address=f"127.0.0.1:{port}", pid=process.pid, log=str(log_path),
-                   python=sys.executable)
+                   python=sys.executable, token=auth["RAY_AUTH_TOKEN_PATH"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -141,19 +144,29 @@ def ensure(base: Path | None = None) -> tuple[RayInfo, bool]:
     Sets this process up to connect to it (token authentication)."""
     info = running(base)
     started = False
-    if info is not None and info.python != sys.executable:
+    if info is not None and (info.python != sys.executable or not info.token):
         stop(base)  # another venv's cluster would run this run's tasks with its own code
         info = None
     if info is None:
         info, started = start(base), True
-    _use_token_auth()
+    _use_token_auth(info.token)
     return info, started
 
 
-def _use_token_auth() -> None:
-    """Drivers of this process authenticate with Ray's token. Ray reads its settings once, at
-    import: if it is imported already, refresh them as Ray's own token set-up does."""
-    os.environ.update(AUTH_ENV)
+def _auth_env(base: Path) -> dict[str, str]:
+    """The variables that make Ray use token authentication with pixelmill's token (256 random
+    bits, readable by this user only), written the first time."""
+    token = base / TOKEN_FILE
+    if not token.exists():
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def _use_token_auth(token: str) -> None:
+    """Drivers of this process authenticate with the cluster's token. Ray reads its settings
+    once, at import: if it is imported already, refresh them as Ray's own token set-up does."""
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token})
     if "ray._raylet" in sys.modules:
         from ray._raylet import Config
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -45,6 +46,9 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
         assert "Ray: started a local cluster at 127.0.0.1:" in first.stderr
         info = json.loads((home / "ray.json").read_text())
         assert alive(info["pid"]) and info["python"] == sys.executable
+        token = Path(info["token"])  # pixelmill's own token, for this user only
+        assert token.parent == home and token.stat().st_mode & 0o777 == 0o600
+        assert len(token.read_text()) == 64
 
         second = subprocess.run([*run, "--run-name", "two"], env=env, capture_output=True,
                                 text=True, timeout=300)
