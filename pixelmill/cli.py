@@ -369,7 +369,7 @@ def gcs_emulator(
             for name in bucket or []:
                 client.create_bucket(name)
             if samples:
-                from pixelmill.gcs import split_uri
+                from pixelmill.storage import split_uri
                 from pixelmill.samples import write_demo_set
 
                 name, prefix = split_uri(samples)

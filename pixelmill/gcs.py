@@ -20,7 +20,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import _should_retry
 
 from pixelmill.errors import StorageAccessError, UsageError
-from pixelmill.storage import ObjectInfo, safe_key
+from pixelmill.storage import ObjectInfo, emulator_host, safe_key, split_uri  # noqa: F401
 
 log = logging.getLogger("pixelmill.gcs")
 
@@ -44,20 +44,6 @@ def _log_retry(exc: Exception) -> None:
 
 RETRY = Retry(predicate=_should_retry, initial=RETRY_INITIAL_S, maximum=RETRY_MAXIMUM_S,
               multiplier=2.0, timeout=RETRY_DEADLINE_S, on_error=_log_retry)
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
-    if not uri.startswith("gs://"):
-        raise UsageError(f"{uri}: not a gs:// URI")
-    bucket, _, prefix = uri[len("gs://"):].partition("/")
-    if not bucket:
-        raise UsageError(f"{uri}: no bucket name; write gs://BUCKET/prefix")
-    return bucket, prefix
-
-
-def emulator_host() -> str | None:
-    return os.environ.get("STORAGE_EMULATOR_HOST") or None
 
 
 @lru_cache(maxsize=4)

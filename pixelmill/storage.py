@@ -133,6 +133,20 @@ def is_gcs(uri: str) -> bool:
     return uri.startswith("gs://")
 
 
+def split_uri(uri: str) -> tuple[str, str]:
+    """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
+    if not uri.startswith("gs://"):
+        raise UsageError(f"{uri}: not a gs:// URI")
+    bucket, _, prefix = uri[len("gs://"):].partition("/")
+    if not bucket:
+        raise UsageError(f"{uri}: no bucket name; write gs://BUCKET/prefix")
+    return bucket, prefix
+
+
+def emulator_host() -> str | None:
+    return os.environ.get("STORAGE_EMULATOR_HOST") or None
+
+
 def open_storage(uri: str, *, destination: bool = False, client: object | None = None) -> Storage:
     """The storage behind a URI: a local folder, or gs://bucket/prefix (`client`: a
     google.cloud.storage.Client to use instead of the process-wide default one)."""

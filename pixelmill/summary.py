@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import quote
 
-from pixelmill.gcs import emulator_host, split_uri
+from pixelmill.storage import emulator_host, split_uri
 from pixelmill.models import RunReport
 from pixelmill.storage import is_gcs
 
