@@ -125,12 +125,12 @@ def _chunk_task_window(output: str) -> tuple[datetime, datetime]:
     flow_run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", output).group(1)
     task_runs, page = [], 200  # the API's largest page
     with get_client(sync_client=True) as client:
-        while len(task_runs) % page == 0:
+        while True:
             batch = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
                 limit=page, offset=len(task_runs))
             task_runs += batch
-            if not batch:
+            if len(batch) < page:
                 break
     chunks = [run for run in task_runs if run.name.startswith(("resize-chunk", "filter-chunk"))
               and run.start_time and run.end_time]

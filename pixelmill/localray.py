@@ -20,13 +20,11 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pixelmill.server import alive, free_port, home, stop_pid
+from pixelmill.server import alive, free_port, home, start_detached, stop_pid, venv_tool
 
 START_TIMEOUT_S = 120.0
 PREFERRED_PORT = 6390
@@ -96,31 +94,23 @@ def start(base: Path | None = None, port: int | None = None,
            if not key.startswith(JOB_ENV_PREFIXES) and key != "RAY_ADDRESS"}
     auth = _auth_env(base)
     env.update(auth)
-    ray = Path(sys.executable).with_name("ray")
-    command = [str(ray) if ray.exists() else "ray", "start", "--head", "--block",
-               "--port", str(port), "--node-ip-address", "127.0.0.1",
-               "--include-dashboard=false", "--disable-usage-stats"]
+    command = [venv_tool("ray"), "start", "--head", "--block", "--port", str(port),
+               "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
+               "--disable-usage-stats"]
+    address = f"127.0.0.1:{port}"
     offset = log_path.stat().st_size if log_path.exists() else 0
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   stdin=subprocess.DEVNULL, start_new_session=True,
-                                   cwd=base)
-    info = RayInfo(address=f"127.0.0.1:{port}", pid=process.pid, log=str(log_path),
-                   python=sys.executable, token=auth["RAY_AUTH_TOKEN_PATH"])
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"ray start exited with {process.returncode}:\n{tail}")
+
+    def ready() -> bool:
         with log_path.open("rb") as log:
             log.seek(offset)
-            ready = READY_LINE.encode() in log.read()
-        if ready and _answers(info.address):
-            _state_file(base).write_text(json.dumps(asdict(info)))
-            return info
-        time.sleep(0.25)
-    stop_pid(process.pid, timeout=STOP_GRACE_S)
-    raise RuntimeError(f"ray start did not finish within {timeout:.0f} s; see {log_path}")
+            return READY_LINE.encode() in log.read() and _answers(address)
+
+    pid = start_detached(command, env, log_path, ready, timeout, "ray start", cwd=base,
+                         stop_timeout=STOP_GRACE_S)
+    info = RayInfo(address=address, pid=pid, log=str(log_path), python=sys.executable,
+                   token=auth["RAY_AUTH_TOKEN_PATH"])
+    _state_file(base).write_text(json.dumps(asdict(info)))
+    return info
 
 
 def stop(base: Path | None = None) -> RayInfo | None:

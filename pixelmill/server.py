@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,6 +93,33 @@ def running(base: Path | None = None) -> ServerInfo | None:
     return info if info and alive(info.pid) and healthy(info.url) else None
 
 
+def venv_tool(name: str) -> str:
+    """A console script of this Python's venv (`prefect`, `ray`), else the one on PATH."""
+    tool = Path(sys.executable).with_name(name)
+    return str(tool) if tool.exists() else name
+
+
+def start_detached(command: list[str], env: dict[str, str], log_path: Path,
+                   ready: Callable[[], bool], timeout: float, what: str,
+                   cwd: Path | None = None, stop_timeout: float = 15.0) -> int:
+    """Start `command` in a session of its own (it outlives this process), its output appended
+    to `log_path`, and wait until `ready()`; returns its pid. If it exits first or is not ready
+    in time, it is stopped and RuntimeError carries the end of its log."""
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{tail}")
+        if ready():
+            return process.pid
+        time.sleep(0.25)
+    stop_pid(process.pid, timeout=stop_timeout)
+    raise RuntimeError(f"{what} did not answer within {timeout:.0f} s; see {log_path}")
+
+
 def start(base: Path | None = None, port: int | None = None,
           timeout: float = START_TIMEOUT_S) -> ServerInfo:
     """Start `prefect server start` on loopback and wait until its API answers."""
@@ -103,24 +131,13 @@ def start(base: Path | None = None, port: int | None = None,
     env.update(BASE_ENV)
     env["PREFECT_HOME"] = str(base / "prefect")
     env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect) if prefect.exists() else "prefect", "server", "start",
-               "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    info = ServerInfo(url=f"http://127.0.0.1:{port}/api", pid=process.pid, log=str(log_path))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"prefect server exited with {process.returncode}:\n{tail}")
-        if healthy(info.url):
-            _state_file(base).write_text(json.dumps(asdict(info)))
-            return info
-        time.sleep(0.5)
-    stop_pid(process.pid)
-    raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s; see {log_path}")
+    url = f"http://127.0.0.1:{port}/api"
+    pid = start_detached([venv_tool("prefect"), "server", "start", "--host", "127.0.0.1",
+                          "--port", str(port)], env, log_path, lambda: healthy(url), timeout,
+                         "prefect server")
+    info = ServerInfo(url=url, pid=pid, log=str(log_path))
+    _state_file(base).write_text(json.dumps(asdict(info)))
+    return info
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> None:
