@@ -144,16 +144,21 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
         check_run_name(run_name)
     if chunk_size is not None and chunk_size < 1:
         raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
+    # Ray workers do not share this shell's working directory (pixelmill's long-lived local
+    # Ray runs them in its own folder): local paths go to the flow absolute.
+    source, dest = (uri if not uri or "://" in uri else str(Path(uri).absolute())
+                    for uri in (source, dest))
     info = _prepare_prefect(verbose)
     job_env = None
     if runner == "ray" and not ray_address:
         ray_address, job_env = _local_ray()
 
     from flows.process_images import make_task_runner, process_images  # after the API is set
+    from flows.ray_runner import ArgumentsRayTaskRunner
     from pixelmill import progress
 
     task_runner = make_task_runner(runner, ray_address, job_env)
-    connected = hasattr(task_runner, "connect")
+    connected = isinstance(task_runner, ArgumentsRayTaskRunner)
     if connected:
         task_runner.connect()  # Ray's workers warm up while the flow run is set up
     flow = process_images.with_options(task_runner=task_runner)

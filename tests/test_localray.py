@@ -37,11 +37,11 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
     source.mkdir()
     for number in range(4):
         Image.new("RGB", (320, 240), (60 * number, 90, 200)).save(source / f"{number}.jpg")
-    run = [PIXELMILL, "run", str(source), str(tmp_path / "dst"), "--size", "64x48",
-           "--runner", "ray"]
+    # relative paths, as typed in a shell: the cluster's workers run in another folder
+    run = [PIXELMILL, "run", "src", "dst", "--size", "64x48", "--runner", "ray"]
     try:
         first = subprocess.run([*run, "--run-name", "one"], env=env, capture_output=True,
-                               text=True, timeout=300)
+                               text=True, timeout=300, cwd=tmp_path)
         assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
         assert "Ray: started a local cluster at 127.0.0.1:" in first.stderr
         info = json.loads((home / "ray.json").read_text())
@@ -51,11 +51,13 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
         assert len(token.read_text()) == 64
 
         second = subprocess.run([*run, "--run-name", "two"], env=env, capture_output=True,
-                                text=True, timeout=300)
+                                text=True, timeout=300, cwd=tmp_path)
         assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
         assert "started a local cluster" not in second.stderr
         assert json.loads((home / "ray.json").read_text())["pid"] == info["pid"]
-        assert json.loads((tmp_path / "dst/two/report.json").read_text())["counts"]["ok"] == 4
+        for name in ("one", "two"):
+            report = json.loads((tmp_path / f"dst/{name}/report.json").read_text())
+            assert report["counts"]["ok"] == 4, report["images"]
 
         # workers see the submitting command's variables, not those of the command that
         # happened to start the cluster
