@@ -27,9 +27,12 @@ from pixelmill import progress, summary
 from pixelmill.errors import UsageError
 from pixelmill.layout import check_run_name, check_shard, run_stamp
 from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
+from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
+from pixelmill.storage import is_gcs
 from flows.ray_runner import ArgumentsRayTaskRunner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
+from tasks.storage import destination_storage
 
 def make_task_runner(runner: str = "ray", ray_address: str | None = None,
                      job_env: dict[str, str] | None = None):
@@ -56,23 +59,39 @@ def _on_ray() -> bool:
     return context is not None and isinstance(context.task_runner, RayTaskRunner)
 
 
-def _cluster_resources() -> dict[str, float]:
+def _nodes() -> list[dict[str, float]]:
+    """The resources of each node the flow's tasks can run on."""
     if _on_ray():
         import ray
 
-        return dict(ray.cluster_resources())
-    return {"CPU": float(os.cpu_count() or 1)}
+        return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    return [{"CPU": float(os.cpu_count() or 1)}]
 
 
-def _check_resources(stages: dict[str, StageResources], cluster: dict[str, float]) -> None:
-    """Refuse a stage that asks for more than the cluster has: Ray would wait forever."""
+def _check_resources(stages: dict[str, StageResources], nodes: list[dict[str, float]]) -> None:
+    """Refuse a stage that asks for more than any single node has: Ray would wait forever."""
     for stage, wants in stages.items():
         for name, amount in (("CPU", wants.num_cpus), ("GPU", wants.num_gpus)):
-            if amount > cluster.get(name, 0.0):
+            most = max((node.get(name, 0.0) for node in nodes), default=0.0)
+            if amount > most:
                 raise UsageError(
-                    f"the {stage} stage asks for {amount:g} {name} per chunk but the cluster has "
-                    f"{cluster.get(name, 0.0):g}; lower it or use a cluster that has them"
+                    f"the {stage} stage asks for {amount:g} {name} per chunk but no node of the "
+                    f"cluster has more than {most:g} ({len(nodes)} node(s)); lower it or use "
+                    "a cluster that has them"
                 )
+
+
+def _check_paths(job: Job, nodes: list[dict[str, float]], shared_filesystem: bool) -> None:
+    """Refuse local paths on a cluster of several nodes unless the user says they are shared:
+    workers on other nodes would not find them."""
+    if len(nodes) < 2 or shared_filesystem:
+        return
+    for what, uri in (("SOURCE", job.source), ("DEST", job.destination)):
+        if not is_gcs(uri):
+            raise UsageError(
+                f"{what} {uri} is a local folder but the Ray cluster has {len(nodes)} nodes, "
+                "whose workers cannot see it; use gs:// paths, or pass --shared-filesystem "
+                "if every node sees this path")
 
 
 def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | None,
@@ -91,12 +110,7 @@ def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | 
             resources["filter"] = result.resources
         summary = ChunkSummary(index=index, state=state.name, images=chunk_images,
                                resources=resources)
-        images = list(result.images)
-        reused = state.name == "Cached" and (resized is None or resized.state.name == "Cached")
-        if reused:  # every stage finished by an earlier run: its outputs are in place
-            images = [image.model_copy(update={"status": "skipped"})
-                      if image.status == "ok" else image for image in images]
-        return images, summary, result
+        return list(result.images), summary, result
     if resized is not None and resized.state.is_completed():
         reason = f"filter stage failed: {state.message or state.name}"
         images = [image.model_copy(update={"status": "failed", "error": reason})
@@ -170,6 +184,29 @@ def _default_run_name(shard_count: int) -> str:
     return run_stamp(flow_run.scheduled_start_time)
 
 
+# Suffixes tried when the default (minute-stamped) run folder is in use by another run.
+MAX_RUN_SUFFIX = 9
+
+
+def _lock_run_folder(job: Job, named: bool) -> tuple[Job, RunLock]:
+    """Hold the job's run folder for this flow run. A folder named by the user that another
+    run holds is refused (exit 2); the default minute stamp moves on to STAMP-2, STAMP-3..."""
+    storage = destination_storage(job)
+    holder = Holder(flow_run=str(flow_run.id or ""), flow_run_name=str(flow_run.name or ""))
+    base = job.run
+    for number in range(1, MAX_RUN_SUFFIX + 1):
+        if number > 1:
+            job = job.model_copy(update={"run": f"{base}-{number}"})
+        lock = RunLock(storage, job.run_file(".pixelmill-lock.json"), holder,
+                       storage.join(job.run))
+        try:
+            return job, lock.acquire()
+        except RunFolderBusy:
+            if named or number == MAX_RUN_SUFFIX:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _artifact_key(kind: str, job: Job) -> str:
     """Artifact keys: lowercase letters, digits and dashes (PLATFORM.md)."""
     shard = f"-shard-{job.shard_index}-of-{job.shard_count}" if job.sharded else ""
@@ -182,8 +219,8 @@ def _persisting(result_storage: str | None):
     if not result_storage:
         return resize_chunk, filter_chunk
     block = Block.load(result_storage)
-    return (resize_chunk.with_options(result_storage=block),
-            filter_chunk.with_options(result_storage=block))
+    return (resize_chunk.with_options(result_storage=block, persist_result=True),
+            filter_chunk.with_options(result_storage=block, persist_result=True))
 
 
 @flow(name="process-images", task_runner=make_task_runner("ray"), log_prints=True)
@@ -199,11 +236,15 @@ def process_images(
     result_storage: str | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    shared_filesystem: bool = False,
 ) -> RunReport:
     """Resize and filter every image under `source` into `destination`/<run>/ with a gallery.
 
+    Outputs already in the run folder, made from the same source version with the same
+    settings, are kept; only what is missing or out of date is made.
     `shard_index` / `shard_count` (default: Cloud Run's CLOUD_RUN_TASK_INDEX / _COUNT) make
     this run one of several disjoint shards that together cover every image once.
+    `shared_filesystem`: local paths are seen by every node of a multi-node Ray cluster.
     """
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat()
@@ -214,17 +255,31 @@ def process_images(
               gcp_credentials_block=gcp_credentials_block, shard_index=shard_index,
               shard_count=shard_count)
     resize_task, filter_task = _persisting(result_storage)
-    cluster = _cluster_resources()
-    _check_resources({"resize": resize_resources, "filter": filter_resources}, cluster)
+    nodes = _nodes()
+    _check_resources({"resize": resize_resources, "filter": filter_resources}, nodes)
+    _check_paths(job, nodes, shared_filesystem)
+    job, lock = _lock_run_folder(job, named=bool(run_name))
+    try:
+        return _process(job, chunk_size, resize_task, filter_task, resize_resources,
+                        filter_resources, nodes, started, started_at)
+    finally:
+        lock.release()
 
-    plan: Plan = discover(job, chunk_size, int(cluster.get("CPU", 1)))
+
+def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
+             resize_resources: StageResources, filter_resources: StageResources,
+             nodes: list[dict[str, float]], started: float, started_at: str):
+    logger = get_run_logger()
+    cpus = int(sum(node.get("CPU", 0.0) for node in nodes)) or 1
+    plan: Plan = discover(job, chunk_size, cpus)
     images = sum(len(chunk.items) for chunk in plan.chunks)
-    progress.planned(len(plan.chunks), images, len(plan.rejected))
+    progress.planned(len(plan.chunks), images, len(plan.rejected), len(plan.kept))
     progress_artifact = create_progress_artifact(
         0.0, key=_artifact_key("progress", job),
-        description=f"chunks done of {len(plan.chunks)} ({images} images)")
+        description=f"chunks done of {len(plan.chunks)} ({images} images to make, "
+                    f"{len(plan.kept)} kept)")
 
-    resize_job = job.without_filters()  # so changing the filters does not redo resizing
+    resize_job = job.without_filters()  # the resize stage does not depend on the filters
 
     def submit_resize(chunk):
         with remote_options(**resize_resources.ray_options()):
@@ -235,11 +290,12 @@ def process_images(
             # the upstream *state*: Prefect records the lineage and hands the task its result
             return filter_task.submit(job, resized.state)
 
-    results: list[ImageResult] = list(plan.rejected)
+    results: list[ImageResult] = [*plan.rejected, *plan.kept]
     summaries: list[ChunkSummary] = []
-    ahead = AHEAD_PER_CPU * max(1, int(cluster.get("CPU", 1)))
+    ahead = AHEAD_PER_CPU * max(1, cpus)
     for number, future, upstream in _in_order(plan.chunks, submit_resize,
-                                              submit_filter if spec.filters else None, ahead):
+                                              submit_filter if job.spec.filters else None,
+                                              ahead):
         chunk = plan.chunks[number]
         chunk_images, chunk_summary, result = _outcome(len(chunk.items), future, upstream, chunk)
         results.extend(chunk_images)
@@ -254,13 +310,14 @@ def process_images(
     if not plan.chunks:
         update_progress_artifact(progress_artifact, 100.0)
     create_markdown_artifact(summary.markdown(report, index), key=_artifact_key("summary", job),
-                             description=f"pixelmill run {run}")
+                             description=f"pixelmill run {job.run}")
     create_table_artifact(summary.failure_rows(report), key=_artifact_key("failures", job),
-                          description=f"{report.counts.failed} failed images of run {run}")
-    logger.info("%d ok, %d failed; gallery at %s", report.counts.ok, report.counts.failed,
-                summary.object_url(destination, index))
+                          description=f"{report.counts.failed} failed images of run {job.run}")
+    logger.info("%d ok, %d failed, %d kept; gallery at %s", report.counts.ok,
+                report.counts.failed, report.counts.skipped,
+                summary.object_url(job.destination, index))
 
-    failed_chunks = [chunk for chunk in summaries if chunk.state not in ("Completed", "Cached")]
+    failed_chunks = [chunk for chunk in summaries if chunk.state != "Completed"]
     if failed_chunks:
         return Failed(message=f"{len(failed_chunks)} of {len(summaries)} chunks failed",
                       data=report)

@@ -74,7 +74,7 @@ def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
 
     Sheets are drawn on one thread per core (Pillow releases the GIL while decoding and
     resizing): the gallery is built after the last chunk, when the cores are free."""
-    done = [image for image in report.images if image.status == "ok"][:MAX_SHEET_TILES]
+    done = report.shown[:MAX_SHEET_TILES]
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     sheets = [(number, done[start : start + per_sheet])
               for number, start in enumerate(range(0, len(done), per_sheet), start=1)]
@@ -89,11 +89,13 @@ def _figure(image: ImageResult) -> str:
         for folder, path in image.outputs.items() if folder != "resized"
     )
     notes = "".join(f'<p class="note">{_text(note)}</p>' for note in image.notes)
+    kept = ('<span class="kept" title="made by an earlier run, verified present">kept</span>'
+            if image.status == "skipped" else "")
     return (
-        f'<figure><a href="{_href(resized)}"><img src="{_href(resized)}" alt="{_text(image.source)}"'
+        f'<figure class="{_text(image.status)}"><a href="{_href(resized)}"><img src="{_href(resized)}" alt="{_text(image.source)}"'
         f' width="{image.width}" height="{image.height}" loading="lazy" decoding="async"></a>'
         f"<figcaption><span class=\"name\">{_text(image.source)}</span>"
-        f'<span class="links">{links}</span>{notes}</figcaption></figure>'
+        f'<span class="links">{links}{kept}</span>{notes}</figcaption></figure>'
     )
 
 
@@ -108,7 +110,7 @@ figure img{width:100%;height:auto;max-height:200px;object-fit:contain;display:bl
 figcaption{margin-top:6px;word-break:break-all}.links a{margin-right:8px;font-size:12px}
 .name{display:block}.note{color:#fc6;font-size:12px;margin:4px 0 0}
 table{border-collapse:collapse;width:100%}td,th{border:1px solid #333;padding:4px 8px;text-align:left}
-.failed{color:#f88}
+.failed{color:#f88}.kept{color:#9c9;font-size:12px}
 """
 
 
@@ -116,7 +118,7 @@ def render_index(report: RunReport, sheets: list[str]) -> str:
     """The gallery page: relative links only, every name escaped, failures with reasons."""
     counts = report.counts
     spec = report.spec
-    ok = [image for image in report.images if image.status == "ok"]
+    shown = report.shown
     failed = report.failures
     rows = "".join(
         f"<tr><td>{_text(image.source)}</td><td>{_text(image.error)}</td></tr>" for image in failed
@@ -135,22 +137,22 @@ def render_index(report: RunReport, sheets: list[str]) -> str:
 <title>pixelmill · {_text(report.run)}</title><style>{_STYLE}</style></head>
 <body><header><h1>pixelmill run {_text(report.run)}</h1>
 <div class="muted">{_text(report.source)} → {_text(report.destination)}</div>
-<div>{counts.ok} ok · <span class="failed">{counts.failed} failed</span> · {counts.skipped} skipped
- of {counts.discovered} discovered in {report.duration_s:.1f} s ·
+<div>{counts.ok} made now · {counts.skipped} kept from earlier runs ·
+ <span class="failed">{counts.failed} failed</span> of {counts.discovered} discovered in {report.duration_s:.1f} s ·
  {spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
  filters: {_text(", ".join(spec.filters) or "none")}</div>
 <div>contact sheets: {sheet_links or "none"} ·
  <a href="../{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">report.json</a></div>
 </header><main>{failures}
-<h2>Images ({len(ok)})</h2><div class="grid">{"".join(_figure(image) for image in ok)}</div>
+<h2>Images ({len(shown)})</h2><div class="grid">{"".join(_figure(image) for image in shown)}</div>
 </main></body></html>
 """
 
 
 def build_gallery(report: RunReport, destination: Storage) -> str:
     """Write contact sheets, index.html and (last) report.json; returns the index key.
-    Temp files of writers killed during the run (a worker lost to the OOM killer) go first."""
-    destination.discard_partial(report.run)
+    Leftovers of writers killed in earlier runs (a worker lost to the OOM killer) go first."""
+    destination.tidy(report.run)
     sheets = contact_sheets(report, destination)
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets).encode("utf-8"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 
 import google_crc32c
@@ -35,6 +35,8 @@ REQUEST_TIMEOUT_S = (10.0, 60.0)
 # Objects listed per request; the client pages through larger listings by itself.
 LIST_PAGE_SIZE = 1000
 EMULATOR_PROJECT = "pixelmill-emulator"
+# Attempts to replace an object another writer keeps replacing (412 on the generation read).
+REPLACE_ATTEMPTS = 5
 
 
 def _log_retry(exc: Exception) -> None:
@@ -140,7 +142,7 @@ class GcsStorage:
         try:
             for blob in blobs:
                 yield ObjectInfo(blob.name[len(self.base):], blob.size or 0, blob.content_type,
-                                 str(blob.generation or ""))
+                                 str(blob.generation or ""), dict(blob.metadata or {}))
         except gexc.GoogleAPICallError as exc:
             raise _translate(self.bucket_name, "list", f"objects under {match!r}", exc) from exc
 
@@ -166,38 +168,66 @@ class GcsStorage:
         except gexc.GoogleAPICallError as exc:
             raise _translate(self.bucket_name, "get", name, exc) from exc
 
-    def write(self, key: str, data: bytes, content_type: str) -> None:
+    def write(self, key: str, data: bytes, content_type: str,
+              metadata: Mapping[str, str] | None = None) -> None:
         """Single-shot upload (an object appears whole or not at all), create-only; if the
-        object exists it is kept when identical and replaced only at the generation seen."""
+        object exists it is kept when identical (bytes, content type and metadata) and
+        replaced only at the generation seen, read again if another writer got there first."""
         name = self._name(key)
-        blob = self.bucket.blob(name)
-        try:
-            blob.upload_from_string(data, content_type=content_type, if_generation_match=0,
-                                    retry=RETRY, timeout=REQUEST_TIMEOUT_S)
-            return
-        except gexc.PreconditionFailed:
-            pass  # it exists: a retried chunk, or a re-run
-        except gexc.GoogleAPICallError as exc:
-            raise _translate(self.bucket_name, "create", name, exc) from exc
-        try:
-            existing = self.bucket.get_blob(name, retry=RETRY, timeout=REQUEST_TIMEOUT_S)
+        wanted = dict(metadata or {})
+        generation = 0
+        for _attempt in range(REPLACE_ATTEMPTS):
+            blob = self.bucket.blob(name)
+            blob.metadata = wanted or None
+            try:
+                blob.upload_from_string(data, content_type=content_type,
+                                        if_generation_match=generation, retry=RETRY,
+                                        timeout=REQUEST_TIMEOUT_S)
+                return
+            except gexc.PreconditionFailed:
+                pass  # it exists (a retried chunk, a re-run) or changed since it was read
+            except gexc.GoogleAPICallError as exc:
+                raise _translate(self.bucket_name, "create", name, exc) from exc
+            try:
+                existing = self.bucket.get_blob(name, retry=RETRY, timeout=REQUEST_TIMEOUT_S)
+            except gexc.GoogleAPICallError as exc:
+                raise _translate(self.bucket_name, "get", name, exc) from exc
             if existing is not None and existing.crc32c == crc32c(data) \
-                    and existing.content_type == content_type:
+                    and existing.content_type == content_type \
+                    and dict(existing.metadata or {}) == wanted:
                 return  # already written, byte for byte
             generation = existing.generation if existing is not None else 0
-            blob.upload_from_string(data, content_type=content_type,
-                                    if_generation_match=generation, retry=RETRY,
-                                    timeout=REQUEST_TIMEOUT_S)
+        raise _translate(self.bucket_name, "create", name, gexc.Conflict(
+            f"gs://{self.bucket_name}/{name} kept changing while it was written"))
+
+    def write_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """Create `key` only if it does not exist; False if it exists."""
+        name = self._name(key)
+        try:
+            self.bucket.blob(name).upload_from_string(
+                data, content_type=content_type, if_generation_match=0, retry=RETRY,
+                timeout=REQUEST_TIMEOUT_S)
+            return True
+        except gexc.PreconditionFailed:
+            return False
         except gexc.GoogleAPICallError as exc:
             raise _translate(self.bucket_name, "create", name, exc) from exc
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        try:
+            self.bucket.blob(name).delete(retry=RETRY, timeout=REQUEST_TIMEOUT_S)
+        except gexc.NotFound:
+            pass
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, "delete", name, exc) from exc
 
     def exists(self, key: str) -> bool:
         name = self._listed(key)
         return bool(self._call("get", name, lambda: self.bucket.blob(name).exists(
             retry=RETRY, timeout=REQUEST_TIMEOUT_S)))
 
-
-    def discard_partial(self, prefix: str) -> int:
+    def tidy(self, prefix: str) -> int:
         """Nothing to do: uploads are single-shot, a killed writer leaves no object."""
         return 0
 

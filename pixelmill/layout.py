@@ -98,6 +98,13 @@ def choose_chunk_size(images: int, cores: int) -> int:
     return max(1, capped, min(TARGET_CHUNK, balanced))
 
 
+def cap_chunk_size(images: int, chunk_size: int) -> int:
+    """`chunk_size`, raised where it would make more than MAX_CHUNKS chunks."""
+    if chunk_size < 1:
+        raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
+    return max(chunk_size, math.ceil(images / MAX_CHUNKS))
+
+
 def make_chunks(items: Sequence[ChunkItem], chunk_size: int) -> list[Chunk]:
     if chunk_size < 1:
         raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")

@@ -44,11 +44,17 @@ class Job(Frozen):
 
 
 class ChunkItem(Frozen):
-    """One image of a chunk: its key under the source and its relative output path."""
+    """One image of a chunk: its key under the source and its relative output path, and
+    the outputs the destination already holds for it (found by discovery, to be kept)."""
 
     source: str
     output: str
     version: str = ""
+    # The kept resized output's pixel size and notes: the resize stage does not redo it.
+    kept_resized: tuple[int, int] | None = None
+    kept_notes: tuple[str, ...] = ()
+    # Folders of the kept filter outputs: the filter stage makes only the others.
+    kept_filters: tuple[str, ...] = ()
 
 
 class Chunk(Frozen):
@@ -95,11 +101,13 @@ class ChunkResult(Frozen):
 
 
 class Plan(Frozen):
-    """What discovery found: the chunks to process and the objects refused up front."""
+    """What discovery found: the chunks to process, the images whose outputs are all kept
+    from an earlier run, and the objects refused up front."""
 
     discovered: int
     chunks: tuple[Chunk, ...]
     rejected: tuple[ImageResult, ...] = ()
+    kept: tuple[ImageResult, ...] = ()
     chunk_size: int
 
 
@@ -180,6 +188,11 @@ class RunReport(BaseModel):
     @property
     def failures(self) -> list[ImageResult]:
         return [image for image in self.images if image.status == "failed"]
+
+    @property
+    def shown(self) -> list[ImageResult]:
+        """The images the run folder holds: made now (ok) or kept from earlier (skipped)."""
+        return [image for image in self.images if image.status != "failed"]
 
 
 __all__ = [

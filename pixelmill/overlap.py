@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -49,17 +49,18 @@ def threaded_map(function: Callable[[T], R], items: Iterable[T], threads: int) -
 class Writer:
     """Background writes; `close()` waits for all of them and raises the first error."""
 
-    def __init__(self, write: Callable[[str, bytes, str], None]) -> None:
+    def __init__(self, write: Callable[..., None]) -> None:
         self._write = write
         self._pool = ThreadPoolExecutor(max_workers=WRITER_THREADS,
                                         thread_name_prefix="pixelmill-write")
         self._pending: deque[Future[None]] = deque()
 
-    def submit(self, key: str, data: bytes, content_type: str) -> None:
+    def submit(self, key: str, data: bytes, content_type: str,
+               metadata: Mapping[str, str] | None = None) -> None:
         while len(self._pending) >= MAX_PENDING_WRITES:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(contextvars.copy_context().run, self._write, key,
-                                               data, content_type))
+                                               data, content_type, metadata))
 
     def close(self) -> None:
         try:

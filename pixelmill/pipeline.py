@@ -6,12 +6,14 @@ import json
 import logging
 import posixpath
 
+from pixelmill import provenance
 from pixelmill.errors import ImageError
+from pixelmill.filters import filter_folder
 from pixelmill.imageops import (
     SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
 )
 from pixelmill.layout import (
-    IMAGE_EXTENSIONS, assign_outputs, choose_chunk_size, in_shard, make_chunks,
+    IMAGE_EXTENSIONS, MAX_CHUNKS, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard, make_chunks,
 )
 from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
 from pixelmill.overlap import Writer, prefetched, threaded_map
@@ -34,9 +36,36 @@ def _inside(child: str, parent: str) -> str | None:
     return child[len(parent):].strip("/") + "/" if child.startswith(parent) else None
 
 
+def _held(item: ChunkItem, job: Job, held: dict[str, ObjectInfo]) -> ChunkItem | ImageResult:
+    """What the destination holds for one image: the item with its kept outputs noted, or a
+    `skipped` result when every output it needs is there and was made from this source
+    version with these settings."""
+    spec = job.spec
+
+    def made(folder: str, stamp: str) -> ObjectInfo | None:
+        info = held.get(f"{job.run}/{folder}/{item.output}")
+        return info if info is not None and info.metadata.get(provenance.MADE) == stamp else None
+
+    resized = made("resized", provenance.resized_stamp(item.source, item.version, spec))
+    size = provenance.read_resized(resized.metadata) if resized is not None else None
+    kept_filters = tuple(
+        filter_folder(name) for name in spec.filters
+        if made(filter_folder(name), provenance.filter_stamp(item.source, item.version, spec,
+                                                             name)))
+    if size is not None and len(kept_filters) == len(spec.filters):
+        outputs = {folder: f"{folder}/{item.output}" for folder in ("resized", *kept_filters)}
+        return ImageResult(source=item.source, status="skipped", width=size[0], height=size[1],
+                           outputs=outputs, notes=size[2], version=item.version)
+    return item.model_copy(update={"kept_resized": size[:2] if size else None,
+                                   "kept_notes": size[2] if size else (),
+                                   "kept_filters": kept_filters})
+
+
 def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,
              cores: int = 1) -> Plan:
-    """List the source once, sniff each object's first bytes, write manifest.json, chunk it.
+    """List the source once and sniff each object's first bytes; list the run folder once and
+    keep every image whose outputs are all there, made from the same source version with the
+    same settings; write manifest.json; cut chunks from the images still to make.
 
     `chunk_size` None picks one from the image count and the cores (`choose_chunk_size`).
     """
@@ -65,9 +94,19 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
                     if in_shard(info.key, job.shard_index, job.shard_count)]
         rejected = [r for r in rejected if in_shard(r.source, job.shard_index, job.shard_count)]
     discovered = len(accepted) + len(rejected)
-    items = [ChunkItem(source=info.key, output=outputs[info.key], version=info.version)
-             for info, _ in accepted]
-    chunk_size = chunk_size or choose_chunk_size(len(items), cores)
+    held = {info.key: info for info in destination.list(f"{job.run}/")}
+    items: list[ChunkItem] = []
+    kept: list[ImageResult] = []
+    for info, _ in accepted:
+        found = _held(ChunkItem(source=info.key, output=outputs[info.key], version=info.version),
+                      job, held)
+        (kept if isinstance(found, ImageResult) else items).append(found)  # type: ignore[arg-type]
+    asked = chunk_size
+    chunk_size = cap_chunk_size(len(items), chunk_size or choose_chunk_size(len(items), cores))
+    if asked and chunk_size != asked:
+        log.warning("--chunk-size %d would make %d chunks of %d images, more than the %d a "
+                    "flow run keeps to: using %d", asked, -(-len(items) // asked), len(items),
+                    MAX_CHUNKS, chunk_size)
     chunks = make_chunks(items, chunk_size)
     manifest = {
         "run": job.run,
@@ -76,63 +115,88 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
                     "bytes": info.size, "version": info.version} for info, fmt in accepted],
         "rejected": [{"source": r.source, "error": r.error} for r in rejected],
         "ignored": ignored,
+        "kept": len(kept),
         "chunk_size": chunk_size,
         "chunks": len(chunks),
     }
     destination.write(job.run_file("manifest.json"), json.dumps(manifest, indent=1).encode(),
                       "application/json")
     return Plan(discovered=discovered, chunks=tuple(chunks), rejected=tuple(rejected),
-                chunk_size=chunk_size)
+                kept=tuple(kept), chunk_size=chunk_size)
+
+
+def _kept_outputs(item: ChunkItem) -> dict[str, str]:
+    return {folder: f"{folder}/{item.output}" for folder in item.kept_filters}
 
 
 def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                   destination: Storage) -> list[ImageResult]:
-    """Resize each image of a chunk; a bad image is a failed result, storage errors raise.
+    """Resize each image of a chunk (those whose resized output is not kept); a bad image is
+    a failed result, storage errors raise. Each output is written with its stamp.
 
     Sources are read one ahead and outputs written in the background (`overlap`)."""
     spec = job.spec
-    results = []
+    done: dict[str, ImageResult] = {}
+    for item in items:
+        if item.kept_resized is not None:
+            done[item.source] = ImageResult(
+                source=item.source, status="ok", width=item.kept_resized[0],
+                height=item.kept_resized[1], notes=item.kept_notes, version=item.version,
+                outputs={"resized": f"resized/{item.output}", **_kept_outputs(item)})
+    todo = [item for item in items if item.kept_resized is None]
     with Writer(destination.write) as writer:
-        for item, data in prefetched(items, lambda item: source.read(item.source)):
+        for item, data in prefetched(todo, lambda item: source.read(item.source)):
             try:
                 rendered = render_resized(data.result(), spec)
             except FileNotFoundError:
-                results.append(ImageResult(source=item.source, status="failed",
-                                           error="vanished from the source after it was listed"))
+                done[item.source] = ImageResult(
+                    source=item.source, status="failed",
+                    error="vanished from the source after it was listed")
                 continue
             except ImageError as exc:
-                log.warning("%s: %s", item.source, exc)
-                results.append(ImageResult(source=item.source, status="failed", error=str(exc)))
+                done[item.source] = ImageResult(source=item.source, status="failed",
+                                                error=str(exc))
                 continue
             output = f"resized/{item.output}"
-            writer.submit(f"{job.run}/{output}", rendered.data, spec.content_type)
-            results.append(ImageResult(source=item.source, status="ok", width=rendered.width,
-                                       height=rendered.height, outputs={"resized": output},
-                                       notes=tuple(rendered.notes), version=item.version))
-    return results
+            stamp = provenance.resized_stamp(item.source, item.version, spec)
+            writer.submit(f"{job.run}/{output}", rendered.data, spec.content_type,
+                          provenance.resized_metadata(stamp, rendered.width, rendered.height,
+                                                      rendered.notes))
+            done[item.source] = ImageResult(
+                source=item.source, status="ok", width=rendered.width, height=rendered.height,
+                outputs={"resized": output, **_kept_outputs(item)}, notes=tuple(rendered.notes),
+                version=item.version)
+    return [done[item.source] for item in items]
 
 
 def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[ImageResult]:
-    """Apply every requested filter to each resized image of a chunk and write the variants."""
+    """Apply each requested filter whose output is not kept to each resized image of a chunk,
+    and write the variants with their stamps."""
     spec = job.spec
-    results = []
-    done = [image for image in resized.images if image.status == "ok"]
+
+    def missing(image: ImageResult) -> tuple[str, ...]:
+        return tuple(name for name in spec.filters if filter_folder(name) not in image.outputs)
+
+    todo = [image for image in resized.images if image.status == "ok" and missing(image)]
     read = lambda image: destination.read(f"{job.run}/{image.outputs['resized']}")  # noqa: E731
     filtered: dict[str, ImageResult] = {}
     with Writer(destination.write) as writer:
-        for image, data in prefetched(done, read):
+        for image, data in prefetched(todo, read):
+            names = missing(image)
             try:
-                variants = render_filters(decode(data.result()), spec)
+                variants = render_filters(decode(data.result()),
+                                          spec.model_copy(update={"filters": names}))
             except ImageError as exc:
                 filtered[image.source] = image.model_copy(
                     update={"status": "failed", "error": f"filter stage: {exc}"})
                 continue
             relpath = image.outputs["resized"].removeprefix("resized/")
             outputs = dict(image.outputs)
-            for folder, encoded in variants.items():
+            for name in names:
+                folder = filter_folder(name)
                 outputs[folder] = f"{folder}/{relpath}"
-                writer.submit(f"{job.run}/{folder}/{relpath}", encoded, spec.content_type)
+                writer.submit(f"{job.run}/{folder}/{relpath}", variants[folder],
+                              spec.content_type, {provenance.MADE: provenance.filter_stamp(
+                                  image.source, image.version, spec, name)})
             filtered[image.source] = image.model_copy(update={"outputs": outputs})
-    for image in resized.images:
-        results.append(filtered.get(image.source, image))
-    return results
+    return [filtered.get(image.source, image) for image in resized.images]

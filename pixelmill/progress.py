@@ -12,7 +12,7 @@ from pixelmill.models import ChunkResult
 
 
 class Listener(Protocol):
-    def planned(self, chunks: int, images: int, rejected: int) -> None: ...
+    def planned(self, chunks: int, images: int, rejected: int, kept: int) -> None: ...
 
     def chunk_done(self, result: ChunkResult | None, images: int) -> None: ...
 
@@ -29,9 +29,11 @@ def unlisten(listener: Listener) -> None:
         _listeners.remove(listener)
 
 
-def planned(chunks: int, images: int, rejected: int) -> None:
+def planned(chunks: int, images: int, rejected: int, kept: int = 0) -> None:
+    """Discovery's plan: `images` to make in `chunks`, `rejected` refused, `kept` already
+    in the run folder."""
     for listener in list(_listeners):
-        listener.planned(chunks, images, rejected)
+        listener.planned(chunks, images, rejected, kept)
 
 
 def chunk_done(result: ChunkResult | None, images: int) -> None:

@@ -2,14 +2,24 @@
 
 Keys are '/'-separated paths relative to the storage root. `open_storage(uri)` picks the
 implementation from the URI, so tasks and flows never know where bytes live.
+
+Every object may carry a few string metadata fields that come back with the listing, so a run
+can tell what made an output from one listing, without reading any object. On GCS they are the
+object's custom metadata. In a local folder they are appended to a journal in the
+`.pixelmill-meta/` folder of the key's top folder (for pixelmill: the run folder), each entry
+naming the file's size and mtime; an entry counts only while the file still has that size and
+mtime, so a file replaced by hand has no metadata.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -17,6 +27,12 @@ from pixelmill.errors import UsageError
 
 # Prefix of in-flight temporary files; listing skips them and they are renamed into place.
 TEMP_PREFIX = ".pixelmill-tmp-"
+# Folder of the local metadata journals; listings skip it.
+META_DIR = ".pixelmill-meta"
+# Temp files and journals younger than this may belong to a writer still at work (another
+# shard of the run, or a run that is finishing): tidying leaves them alone. One object is
+# written in well under a minute; a killed writer's leftovers are removed by a later run.
+TIDY_AFTER_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,7 @@ class ObjectInfo:
     size: int
     content_type: str | None = None
     version: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 @runtime_checkable
@@ -40,13 +57,18 @@ class Storage(Protocol):
 
     def read_head(self, key: str, length: int) -> bytes: ...
 
-    def write(self, key: str, data: bytes, content_type: str) -> None: ...
+    def write(self, key: str, data: bytes, content_type: str,
+              metadata: Mapping[str, str] | None = None) -> None: ...
+
+    def write_new(self, key: str, data: bytes, content_type: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
 
     def exists(self, key: str) -> bool: ...
 
     def join(self, *parts: str) -> str: ...
 
-    def discard_partial(self, prefix: str) -> int: ...
+    def tidy(self, prefix: str) -> int: ...
 
 
 def safe_key(key: str) -> str:
@@ -67,6 +89,8 @@ class LocalStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
+        self._journal_name = f"{secrets.token_hex(8)}.jsonl"
+        self._journal_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
@@ -85,7 +109,11 @@ class LocalStorage:
         if not base.is_dir():
             return
         found = []
-        for folder, _dirs, files in os.walk(base):
+        journals: list[Path] = []
+        for folder, dirs, files in os.walk(base):
+            if META_DIR in dirs:
+                dirs.remove(META_DIR)
+                journals.extend(sorted(Path(folder, META_DIR).glob("*.jsonl")))
             for name in files:
                 if name.startswith(TEMP_PREFIX):
                     continue
@@ -96,7 +124,13 @@ class LocalStorage:
                     continue  # vanished or a dangling link
                 key = path.relative_to(self.root).as_posix()
                 found.append(ObjectInfo(key, stat.st_size, None, str(stat.st_mtime_ns)))
-        yield from sorted(found, key=lambda info: info.key)  # the order GCS lists in
+        if prefix and "/" in safe_key(prefix):  # inside a top folder: its journals too
+            top = safe_key(prefix).split("/")[0]
+            journals.extend(sorted((self.root / top / META_DIR).glob("*.jsonl")))
+        metadata = _read_journals(journals)
+        for info in sorted(found, key=lambda info: info.key):  # the order GCS lists in
+            meta = metadata.get((info.key, info.size, info.version))
+            yield ObjectInfo(info.key, info.size, None, info.version, meta) if meta else info
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -105,28 +139,117 @@ class LocalStorage:
         with self._path(key).open("rb") as handle:
             return handle.read(length)
 
-    def write(self, key: str, data: bytes, content_type: str) -> None:
-        path = self._path(key)
+    def _write_temp(self, path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}"[:255])
         try:
             with temp.open("wb") as handle:
                 handle.write(data)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
+
+    def write(self, key: str, data: bytes, content_type: str,
+              metadata: Mapping[str, str] | None = None) -> None:
+        path = self._path(key)
+        temp = self._write_temp(path, data)
+        try:
             os.replace(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        if metadata:
+            stat = path.stat()
+            self._journal(key, stat.st_size, str(stat.st_mtime_ns), metadata)
+
+    def write_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """Create `key` only if it does not exist (atomically); False if it exists."""
+        path = self._path(key)
+        temp = self._write_temp(path, data)
+        try:
+            os.link(temp, path)  # fails if `path` exists, never half-written
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def _journal(self, key: str, size: int, version: str, metadata: Mapping[str, str]) -> None:
+        """Append one metadata entry to this writer's journal in the key's top folder."""
+        top, _, rest = safe_key(key).partition("/")
+        folder = (self.root / top if rest else self.root) / META_DIR
+        line = json.dumps({"key": safe_key(key), "size": size, "version": version,
+                           "meta": dict(metadata)}, separators=(",", ":")) + "\n"
+        with self._journal_lock:
+            folder.mkdir(parents=True, exist_ok=True)
+            with (folder / self._journal_name).open("a", encoding="utf-8") as journal:
+                journal.write(line)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def discard_partial(self, prefix: str) -> int:
-        """Delete temp files a killed writer left under `prefix`; returns how many."""
+    def tidy(self, prefix: str) -> int:
+        """Delete temp files killed writers left under `prefix` and fold its older metadata
+        journals into one (entries of files that changed since are dropped); returns how
+        many files went. Anything younger than TIDY_AFTER_S is left alone."""
         base = self._path(prefix)
-        found = list(base.rglob(f"{TEMP_PREFIX}*")) if base.is_dir() else []
-        for path in found:
-            path.unlink(missing_ok=True)
-        return len(found)
+        if not base.is_dir():
+            return 0
+        cutoff = time.time() - TIDY_AFTER_S
+        removed = 0
+        for path in base.rglob(f"{TEMP_PREFIX}*"):
+            if _older(path, cutoff):
+                path.unlink(missing_ok=True)
+                removed += 1
+        for folder in base.rglob(META_DIR):
+            old = [path for path in folder.glob("*.jsonl") if _older(path, cutoff)]
+            if len(old) < 2:
+                continue
+            current = {(info.key, info.size, info.version): info.metadata
+                       for info in self.list(folder.parent.relative_to(self.root).as_posix())
+                       if info.metadata}
+            kept = {entry: meta for entry, meta in _read_journals(old).items()
+                    if current.get(entry) == meta}
+            lines = "".join(json.dumps({"key": key, "size": size, "version": version,
+                                        "meta": meta}, separators=(",", ":")) + "\n"
+                            for (key, size, version), meta in kept.items())
+            merged = folder / f"merged-{secrets.token_hex(8)}.jsonl"
+            temp = self._write_temp(merged, lines.encode("utf-8"))
+            os.replace(temp, merged)
+            os.utime(merged, (cutoff - 1, cutoff - 1))  # old enough to be merged next time
+            for path in old:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except OSError:
+        return False
+
+
+def _read_journals(paths: list[Path]) -> dict[tuple[str, int, str], dict[str, str]]:
+    """(key, size, version) -> metadata from journal files; a torn last line is skipped."""
+    entries: dict[tuple[str, int, str], dict[str, str]] = {}
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                entries[(entry["key"], int(entry["size"]), str(entry["version"]))] = \
+                    {str(k): str(v) for k, v in entry["meta"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+    return entries
 
 
 def is_gcs(uri: str) -> bool:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
-from prefect.utilities.hashing import hash_objects
 
 from pixelmill import gallery, pipeline
 from pixelmill.models import Chunk, ChunkResult, ImageResult, Job, Plan, RunReport
-from pixelmill.version import code_version
 from tasks.storage import destination_storage, source_storage
 
 # Storage I/O can fail transiently (throttling, a dropped connection): retry the chunk
@@ -33,21 +29,10 @@ def _worth_retrying(task, task_run, state) -> bool:
     return True
 
 
-@dataclass
-class CodeVersion(CachePolicy):
-    """Cache key part: pixelmill's version and a fingerprint of its source files."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        return hash_objects(code_version())
-
-
-# A finished chunk is found again by its inputs (the job: URIs, run folder, settings; the
-# chunk: source keys with their generations or mtimes), the task's code and pixelmill's code.
-# So retrying a flow run (the UI's Retry) or re-running the same run redoes only what failed
-# or changed. Results are small ChunkResults, persisted to the default result storage (or the
-# `result_storage` block given to the flow).
-CHUNK_CACHE = INPUTS + TASK_SOURCE + CodeVersion()
-
+# No task result cache: what is done is decided by the destination itself (discovery lists
+# the run folder and keeps the outputs made from the same source version with the same
+# settings), so a Retry or a re-run redoes exactly what is missing there, and a cached result
+# can never stand in for an output that was deleted.
 _RETRYING = {
     "retries": STORAGE_RETRIES,
     "retry_condition_fn": _worth_retrying,
@@ -55,7 +40,6 @@ _RETRYING = {
     "retry_jitter_factor": RETRY_JITTER,
     "cache_policy": NO_CACHE,
 }
-_CHUNK = {**_RETRYING, "cache_policy": CHUNK_CACHE, "persist_result": True}
 
 
 def ray_resources() -> dict[str, float]:
@@ -83,17 +67,20 @@ def _log_failures(images: list[ImageResult], stage: str, label: str) -> None:
 
 @task(name="discover", **_RETRYING)
 def discover(job: Job, chunk_size: int | None = None, cores: int = 1) -> Plan:
-    """List and sniff the source, write manifest.json, return chunks of keys."""
+    """List the source and the run folder, write manifest.json, return chunks of the keys
+    still to make."""
     plan = pipeline.discover(source_storage(job), destination_storage(job), job, chunk_size,
                              cores)
     get_run_logger().info(
-        "%d images in %d chunks of up to %d (%d refused at discovery)",
-        plan.discovered, len(plan.chunks), plan.chunk_size, len(plan.rejected),
+        "%d images: %d kept from an earlier run, %d to make in %d chunks of up to %d, "
+        "%d refused at discovery", plan.discovered, len(plan.kept),
+        sum(len(chunk.items) for chunk in plan.chunks), len(plan.chunks), plan.chunk_size,
+        len(plan.rejected),
     )
     return plan
 
 
-@task(name="resize-chunk", task_run_name="resize-chunk-{chunk.index:03d}", **_CHUNK)
+@task(name="resize-chunk", task_run_name="resize-chunk-{chunk.index:03d}", **_RETRYING)
 def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
     """Resize every image of one chunk into <run>/resized/."""
     images = pipeline.resize_images(chunk.items, job, source_storage(job),
@@ -102,7 +89,7 @@ def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
     return ChunkResult(index=chunk.index, images=tuple(images), resources=ray_resources())
 
 
-@task(name="filter-chunk", task_run_name="filter-chunk-{resized.index:03d}", **_CHUNK)
+@task(name="filter-chunk", task_run_name="filter-chunk-{resized.index:03d}", **_RETRYING)
 def filter_chunk(job: Job, resized: ChunkResult) -> ChunkResult:
     """Apply every requested filter to one resized chunk into <run>/<filter>/."""
     images = pipeline.filter_images(resized, job, destination_storage(job))

@@ -19,6 +19,7 @@ RUN = "20261121T2230Z"
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"
 AWKWARD = "trips/a #1?x=50% off.jpg"
 RED, BLUE = (220, 20, 20), (20, 20, 220)
+KEPT, GREEN = "zz/kept.jpg", (20, 200, 20)
 
 
 class _Links(HTMLParser):
@@ -47,7 +48,8 @@ def dest(tmp_path) -> LocalStorage:
 
 @pytest.fixture
 def report(dest) -> RunReport:
-    """A run with two ok images (resized files really written), one failure, one skip."""
+    """A run with two ok images (resized files really written), one failure, and one image
+    kept from an earlier run (status "skipped", its files in place)."""
     job = Job(source="/photos", destination=dest.uri, run=RUN,
               spec=PipelineSpec(size=(40, 30), filters=("blur",)))
     images = []
@@ -60,7 +62,10 @@ def report(dest) -> RunReport:
                                   outputs=outputs))
     images.append(ImageResult(source="broken<b>.jpg", status="failed",
                               error="cannot decode JPEG: image file is truncated"))
-    images.append(ImageResult(source="old.jpg", status="skipped"))
+    dest.write(f"{RUN}/resized/{KEPT}", encode(Image.new("RGB", (40, 30), GREEN), "jpeg"),
+               "image/jpeg")
+    images.append(ImageResult(source=KEPT, status="skipped", width=40, height=30,
+                              outputs={"resized": f"resized/{KEPT}"}))
     return RunReport.build(job, discovered=4, images=images, duration_s=1.23456)
 
 
@@ -72,7 +77,7 @@ def test_render_index_escapes_hostile_names(report):
     assert set(_links(page).tags) <= {"html", "head", "meta", "title", "style", "body", "header",
                                       "h1", "div", "span", "a", "main", "h2", "table", "tr",
                                       "th", "td", "figure", "img", "figcaption", "p"}
-    assert _links(page).tags.count("img") == 2
+    assert _links(page).tags.count("img") == 3
 
 
 def test_render_index_links_are_relative_and_quoted(report):
@@ -93,8 +98,13 @@ def test_render_index_lists_failures_with_reasons(report):
     assert "Failed (1)" in page
     reason = "cannot decode JPEG: image file is truncated"
     assert f"<td>broken&lt;b&gt;.jpg</td><td>{reason}</td>" in page
-    assert "old.jpg" not in page.split("<h2>Images")[1]  # skipped is not a gallery image
-    assert "2 ok" in page and "1 failed" in page and "1 skipped" in page
+    # the kept image is shown, marked as kept; the failed one is not an image of the grid
+    grid = page.split("<h2>Images")[1]
+    assert "broken&lt;b&gt;.jpg" not in grid
+    kept_figure = grid.split(f'alt="{KEPT}"')[1].split("</figure>")[0]
+    assert 'class="kept"' in kept_figure
+    assert grid.count('class="kept"') == 1
+    assert "2 made now" in page and "1 kept" in page and "1 failed" in page
 
 
 def test_render_index_without_failures_has_no_failure_table(report):
@@ -113,9 +123,10 @@ def test_build_gallery_writes_page_sheet_and_report(report, dest):
     sheet = decode(dest.read(f"{RUN}/gallery/contact-sheet-01.jpg"))
     assert sheet.format == "JPEG" and sheet.mode == "RGB"
     assert sheet.size == (6 * 208, 1 * 178)  # one row of six 200x150 tiles with margins
-    # The two ok images are on it, in report order (sorted by source), centred in their tiles.
-    first, second = sorted([(AWKWARD, RED), (HOSTILE, BLUE)])
-    for slot, (_, colour) in enumerate([first, second]):
+    # The two ok images and the kept one are on it, in report order (sorted by source),
+    # centred in their tiles.
+    for slot, (_, colour) in enumerate(sorted([(AWKWARD, RED), (HOSTILE, BLUE),
+                                               (KEPT, GREEN)])):
         pixel = sheet.getpixel((slot * 208 + 4 + 100, 4 + 75))
         assert all(abs(a - b) < 40 for a, b in zip(pixel, colour)), (slot, pixel)
     assert all(abs(a - b) < 20 for a, b in zip(sheet.getpixel((3 * 208 + 104, 79)), (32,) * 3))
@@ -152,7 +163,8 @@ def test_report_json_follows_the_contract(report, dest):
         assert dest.exists(f"{RUN}/{path}")
     assert by_source["broken<b>.jpg"] == {"source": "broken<b>.jpg", "status": "failed",
                                           "error": "cannot decode JPEG: image file is truncated"}
-    assert by_source["old.jpg"] == {"source": "old.jpg", "status": "skipped"}
+    assert by_source[KEPT] == {"source": KEPT, "status": "skipped", "width": 40, "height": 30,
+                               "outputs": {"resized": f"resized/{KEPT}"}}
 
 
 def test_missing_resized_file_does_not_break_the_gallery(report, dest):

@@ -1,0 +1,58 @@
+"""What made an output, recorded with the output itself, and the skip decision built on it.
+
+Every output carries a stamp: a digest of its source key, the source's version (GCS
+generation, or mtime in a local folder) and the settings that shape that output. A run lists
+its destination run folder once and keeps an output only when it is there with the stamp this
+run would give it; anything missing, changed or made with other settings is made again. The
+resized output also carries its pixel size and notes, so a kept image is reported and shown in
+the gallery without reading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+from pixelmill.filters import filter_folder
+from pixelmill.spec import PipelineSpec
+
+# Bump when a change to the image code makes different pixels for the same source and
+# settings, so that outputs made before are made again.
+RENDER_VERSION = 1
+MADE = "pixelmill-made"  # the stamp
+WIDTH, HEIGHT, NOTES = "pixelmill-width", "pixelmill-height", "pixelmill-notes"
+
+
+def _digest(*parts: object) -> str:
+    text = json.dumps([RENDER_VERSION, *parts], separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _resize_settings(spec: PipelineSpec) -> list[object]:
+    return [list(spec.size), spec.fit, spec.format, spec.quality, spec.upscale]
+
+
+def resized_stamp(source: str, version: str, spec: PipelineSpec) -> str:
+    return _digest("resized", source, version, _resize_settings(spec))
+
+
+def filter_stamp(source: str, version: str, spec: PipelineSpec, name: str) -> str:
+    return _digest(filter_folder(name), source, version, _resize_settings(spec))
+
+
+def resized_metadata(stamp: str, width: int, height: int,
+                     notes: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    meta = {MADE: stamp, WIDTH: str(width), HEIGHT: str(height)}
+    if notes:
+        meta[NOTES] = json.dumps(list(notes))
+    return meta
+
+
+def read_resized(metadata: Mapping[str, str]) -> tuple[int, int, tuple[str, ...]] | None:
+    """(width, height, notes) recorded with a resized output, or None if unreadable."""
+    try:
+        notes = tuple(json.loads(metadata[NOTES])) if NOTES in metadata else ()
+        return int(metadata[WIDTH]), int(metadata[HEIGHT]), tuple(str(n) for n in notes)
+    except (KeyError, ValueError, TypeError):
+        return None
