@@ -32,6 +32,7 @@ from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from pixelmill.storage import is_gcs
 from flows.ray_runner import ArgumentsRayTaskRunner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
+from tasks.images import EachTaskRun
 from tasks.storage import destination_storage
 
 def make_task_runner(runner: str = "ray", ray_address: str | None = None,
@@ -219,8 +220,8 @@ def _persisting(result_storage: str | None):
     if not result_storage:
         return resize_chunk, filter_chunk
     block = Block.load(result_storage)
-    return (resize_chunk.with_options(result_storage=block, persist_result=True),
-            filter_chunk.with_options(result_storage=block, persist_result=True))
+    options = {"result_storage": block, "persist_result": True, "cache_policy": EachTaskRun()}
+    return resize_chunk.with_options(**options), filter_chunk.with_options(**options)
 
 
 @flow(name="process-images", task_runner=make_task_runner("ray"), log_prints=True)
@@ -256,9 +257,12 @@ def process_images(
               shard_count=shard_count)
     resize_task, filter_task = _persisting(result_storage)
     nodes = _nodes()
-    _check_resources({"resize": resize_resources, "filter": filter_resources}, nodes)
-    _check_paths(job, nodes, shared_filesystem)
-    job, lock = _lock_run_folder(job, named=bool(run_name))
+    try:
+        _check_resources({"resize": resize_resources, "filter": filter_resources}, nodes)
+        _check_paths(job, nodes, shared_filesystem)
+        job, lock = _lock_run_folder(job, named=bool(run_name))
+    except UsageError as exc:  # a refusal, not a crash: one line in the state, no traceback
+        return Failed(message=str(exc), data=exc)
     try:
         return _process(job, chunk_size, resize_task, filter_task, resize_resources,
                         filter_resources, nodes, started, started_at)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.tasks import exponential_backoff
 
 from pixelmill import gallery, pipeline
@@ -40,6 +42,15 @@ _RETRYING = {
     "retry_jitter_factor": RETRY_JITTER,
     "cache_policy": NO_CACHE,
 }
+
+
+@dataclass
+class EachTaskRun(CachePolicy):
+    """A key of its own for every task run: results are persisted (`--result-storage`) for
+    the record, never found again in place of what the destination holds."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        return f"pixelmill-{task_ctx.task_run.id}"
 
 
 def ray_resources() -> dict[str, float]:

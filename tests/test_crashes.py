@@ -136,19 +136,32 @@ def test_same_command_twice_writes_nothing_new_and_changes_redo_only_what_they_a
     second = run()
     assert second["counts"] == {"discovered": 8, "ok": 0, "failed": 0, "skipped": 8}
     assert mtimes() == before  # no image output rewritten
+    # the report and the gallery still describe the whole run folder, kept images marked
+    assert [entry["outputs"] for entry in second["images"]] == \
+        [entry["outputs"] for entry in first["images"]]
+    page = (tmp_path / "dst/i/gallery/index.html").read_text()
+    assert "Images (8)" in page and page.count('class="kept"') == 8
 
-    # one source changes: only its chunk (2 images) is redone
+    # one source changes: only its outputs are made again
     changed = source / "set1/img-004.jpg"
     changed.write_bytes(jpeg_bytes(photo(640, 480, seed=99)))
     third = run()
-    assert third["counts"]["ok"] == 2 and third["counts"]["skipped"] == 6
+    assert third["counts"]["ok"] == 1 and third["counts"]["skipped"] == 7
     after = mtimes()
     redone = {key for key in after if after[key] != before[key]}
-    assert "resized/set1/img-004.jpg" in redone and len(redone) == 4  # 2 images x 2 outputs
+    assert redone == {"resized/set1/img-004.jpg", "blur/set1/img-004.jpg"}
 
-    # a new filter: resizing is reused, only the filter stage runs again
+    # a new filter: only its outputs are made, nothing else is rewritten
     fourth = run("--filter", "emboss")
     assert fourth["counts"]["ok"] == 8  # every image got its new variant ...
     final = mtimes()
-    assert all(final[key] == after[key] for key in after if key.startswith("resized/"))
+    assert all(final[key] == after[key] for key in after)
     assert len([key for key in final if key.startswith("emboss/")]) == 8
+
+    # the destination is the truth: everything deleted is everything made again
+    import shutil
+
+    shutil.rmtree(tmp_path / "dst")
+    fifth = run("--filter", "emboss")
+    assert fifth["counts"] == {"discovered": 8, "ok": 8, "failed": 0, "skipped": 0}
+    assert set(mtimes()) == set(final)

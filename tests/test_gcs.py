@@ -171,7 +171,7 @@ def test_thumbnail_preset_keeps_sub_paths_in_a_minute_stamped_folder(gcs, prefec
     assert any(name.endswith("/resized/photos/family/a.jpg") for name in resized)
 
 
-def test_chunk_results_persist_to_a_gcs_bucket_block_and_are_reused(gcs, prefect_api):
+def test_chunk_results_persist_to_a_gcs_bucket_block_and_never_replace_the_bucket(gcs, prefect_api):
     import tasks.storage  # noqa: F401  (emulator: anonymous credentials for prefect-gcp)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -198,7 +198,18 @@ def test_chunk_results_persist_to_a_gcs_bucket_block_and_are_reused(gcs, prefect
             for state in runs
         ]
     assert states[0] and all(name == "Completed" for name in states[0]), states[0]
-    assert states[1] and all(name == "Cached" for name in states[1]), states[1]
+    # the second run finds every output in the run folder: no chunk to run, all kept
+    assert states[1] == [], states[1]
+    report = runs[1].result()
+    assert report.counts.skipped == len(GOOD) and report.counts.ok == 0
+    # persisted results never stand in for outputs the bucket lost
+    for blob in dst.client.list_blobs(dst.name):
+        blob.delete()
+    third = flow(source=f"gs://{src.name}", destination=f"gs://{dst.name}",
+                 spec=PipelineSpec(size=(64, 64), filters=("blur",)), run_name="r1",
+                 chunk_size=4, result_storage=f"gcs-bucket/{block_name}")
+    assert third.counts.ok == len(GOOD) and third.counts.skipped == 0
+    assert len([name for name in objects(dst) if name.startswith("r1/blur/")]) == len(GOOD)
 
 
 def test_readme_emulator_trial(tmp_path, prefect_api):
@@ -269,3 +280,87 @@ def test_credentials_block_gives_one_client_per_process(prefect_api, monkeypatch
     assert source.client.project == "made-up"
     assert task_storage._block_client.cache_info().misses == 1
     task_storage._block_client.cache_clear()
+
+
+def test_gcs_rerun_keeps_what_the_bucket_holds_and_remakes_exactly_what_it_lost(gcs,
+                                                                                 prefect_api):
+    """Each output carries its stamp as custom metadata; one listing decides the re-run."""
+    from flows.process_images import make_task_runner, process_images
+
+    src, dst = gcs.bucket(gcs.unique("ksrc")), gcs.bucket(gcs.unique("kdst"))
+    upload_corpus(src, "")
+    flow = process_images.with_options(task_runner=make_task_runner("threads"))
+
+    def run():
+        state = flow(source=f"gs://{src.name}", destination=f"gs://{dst.name}",
+                     spec=PipelineSpec(size=(64, 64), filters=("blur",)), run_name="k",
+                     chunk_size=4, return_state=True)
+        assert state.is_completed(), state.message
+        return state.result()
+
+    first = run()
+    assert first.counts.ok == len(GOOD)
+    made = {name: blob.generation for name, blob in objects(dst, "k/").items()
+            if "/resized/" in f"/{name}" or "/blur/" in f"/{name}"}
+    blob = objects(dst, "k/")["k/resized/trips/a.jpg"]
+    assert blob.metadata["pixelmill-made"] and blob.metadata["pixelmill-width"] == "64"
+    gone = ["k/blur/trips/a.jpg", "k/resized/garden/c.jpg"]
+    for name in gone:
+        dst.blob(name).delete()
+    again = run()
+    assert again.counts.ok == 2 and again.counts.skipped == len(GOOD) - 2
+    now = {name: blob.generation for name, blob in objects(dst, "k/").items() if name in made}
+    assert set(now) == set(made)
+    assert sorted(name for name in made if now[name] != made[name]) == sorted(gone)
+    report = json.loads(dst.blob("k/report.json").download_as_bytes())
+    assert len([e for e in report["images"] if e["status"] != "failed"]) == len(GOOD)
+
+
+def test_a_replace_that_loses_a_race_reads_again_and_does_not_fail(gcs):
+    """412 on the generation read: another writer replaced the object in between."""
+    from pixelmill.storage import open_storage
+
+    bucket = gcs.bucket(gcs.unique("race"))
+    storage = open_storage(f"gs://{bucket.name}", destination=True)
+    storage.write("x.jpg", b"old", "image/jpeg", {"pixelmill-made": "1"})
+    real_get = storage.bucket.get_blob
+    raced = []
+
+    def get_blob_then_someone_writes(name, **kwargs):
+        found = real_get(name, **kwargs)
+        if not raced:  # after we read its generation, another run replaces it
+            raced.append(True)
+            bucket.blob(name).upload_from_string(b"theirs", content_type="image/jpeg")
+        return found
+
+    storage.bucket.get_blob = get_blob_then_someone_writes
+    storage.write("x.jpg", b"new", "image/jpeg", {"pixelmill-made": "2"})
+    blob = bucket.get_blob("x.jpg")
+    assert blob.download_as_bytes() == b"new" and blob.metadata == {"pixelmill-made": "2"}
+    assert raced
+
+
+def test_run_folder_lock_on_gcs_admits_one_of_many_racers(gcs):
+    from pixelmill.runlock import Holder, RunFolderBusy, RunLock
+    from pixelmill.storage import open_storage
+
+    bucket = gcs.bucket(gcs.unique("lock"))
+
+    held = []
+
+    def race(number: int) -> str:
+        storage = open_storage(f"gs://{bucket.name}/out", destination=True)
+        try:
+            held.append(RunLock(storage, "r/.pixelmill-lock.json",
+                                Holder(flow_run=f"run-{number}"), "gs://x/out/r").acquire())
+        except RunFolderBusy as exc:
+            assert "is in use by flow run" in str(exc)
+            return "refused"
+        return "held"
+
+    with ThreadPoolExecutor(6) as pool:
+        said = sorted(pool.map(race, range(6)))
+    for lock in held:
+        lock.release()
+    assert said == ["held"] + ["refused"] * 5
+    assert not bucket.get_blob("out/r/.pixelmill-lock.json")

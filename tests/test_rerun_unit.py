@@ -1,0 +1,288 @@
+"""Re-runs decided by the destination, without Prefect: stamps with each output, discovery
+against the run folder's listing, and the run folder's lock (local folders; GCS in test_gcs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from pixelmill import pipeline, provenance, runlock
+from pixelmill.errors import UsageError
+from pixelmill.models import ImageResult, Job
+from pixelmill.runlock import Holder, RunFolderBusy, RunLock
+from pixelmill.spec import PipelineSpec
+from pixelmill.storage import META_DIR, TEMP_PREFIX, LocalStorage
+from tests.helpers import encode
+
+RUN = "r"
+
+
+def photos(folder, count: int) -> LocalStorage:
+    for number in range(count):
+        path = folder / f"set{number % 2}" / f"{number}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(Image.new("RGB", (64, 48), (40 * number % 255, 90, 20)), "jpeg"))
+    return LocalStorage(folder)
+
+
+def run_once(source: LocalStorage, dest: LocalStorage, job: Job) -> list[ImageResult]:
+    """What a run does, stage by stage, on plain storage: discover, resize, filter."""
+    plan = pipeline.discover(source, dest, job, chunk_size=2)
+    results = list(plan.kept) + list(plan.rejected)
+    for chunk in plan.chunks:
+        from pixelmill.models import ChunkResult
+
+        resized = pipeline.resize_images(chunk.items, job.without_filters(), source, dest)
+        filtered = pipeline.filter_images(ChunkResult(index=chunk.index, images=tuple(resized)),
+                                          job, dest)
+        results.extend(filtered)
+    return sorted(results, key=lambda image: image.source)
+
+
+def mtimes(dest: LocalStorage) -> dict[str, int]:
+    return {info.key: int(info.version) for info in dest.list(f"{RUN}/")
+            if not info.key.endswith(".json")}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    source = photos(tmp_path / "src", 6)
+    dest = LocalStorage(tmp_path / "dst")
+    job = Job(source=source.uri, destination=dest.uri, run=RUN,
+              spec=PipelineSpec(size=(32, 24), filters=("blur",)))
+    return source, dest, job
+
+
+def test_local_metadata_comes_back_with_the_listing_and_only_for_the_file_it_describes(tmp_path):
+    store = LocalStorage(tmp_path)
+    store.write("run/a/x.jpg", b"one", "image/jpeg", {"pixelmill-made": "s1"})
+    store.write("run/b.jpg", b"two", "image/jpeg")
+    listed = {info.key: info.metadata for info in store.list("run/")}
+    assert listed == {"run/a/x.jpg": {"pixelmill-made": "s1"}, "run/b.jpg": {}}
+    assert {info.key for info in store.list("run/a")} == {"run/a/x.jpg"}
+    assert next(iter(store.list("run/a"))).metadata == {"pixelmill-made": "s1"}
+    assert (tmp_path / "run" / META_DIR).is_dir()  # in the run folder, hidden from listings
+    time.sleep(0.01)
+    (tmp_path / "run/a/x.jpg").write_bytes(b"replaced by hand")  # no longer what was made
+    assert next(iter(store.list("run/a"))).metadata == {}
+
+
+def test_a_torn_journal_line_is_ignored(tmp_path):
+    store = LocalStorage(tmp_path)
+    store.write("run/x.jpg", b"one", "image/jpeg", {"pixelmill-made": "s1"})
+    [journal] = (tmp_path / "run" / META_DIR).glob("*.jsonl")
+    with journal.open("a") as handle:
+        handle.write('{"key": "run/x.jpg", "si')  # a writer killed mid-line
+    assert next(iter(store.list("run/"))).metadata == {"pixelmill-made": "s1"}
+
+
+def test_tidy_merges_old_journals_and_keeps_young_files(tmp_path):
+    store = LocalStorage(tmp_path)
+    for number in range(3):
+        LocalStorage(tmp_path).write(f"run/{number}.jpg", b"x", "image/jpeg",
+                                     {"pixelmill-made": str(number)})
+    young_temp = tmp_path / "run" / f"{TEMP_PREFIX}young-a.jpg"
+    old_temp = tmp_path / "run" / f"{TEMP_PREFIX}old-b.jpg"
+    young_temp.write_bytes(b"half")
+    old_temp.write_bytes(b"half")
+    old = time.time() - 2 * runlock.LOCK_STALE_S - 3600
+    os.utime(old_temp, (old, old))
+    for journal in (tmp_path / "run" / META_DIR).glob("*.jsonl"):
+        os.utime(journal, (old, old))
+    before = {info.key: info.metadata for info in store.list("run/")}
+    store.tidy("run")
+    assert not old_temp.exists() and young_temp.exists()  # another writer may own it
+    assert len(list((tmp_path / "run" / META_DIR).glob("*.jsonl"))) == 1
+    assert {info.key: info.metadata for info in store.list("run/")} == before
+
+
+def test_a_second_run_keeps_everything_and_reports_it_kept(setup):
+    source, dest, job = setup
+    first = run_once(source, dest, job)
+    assert [image.status for image in first] == ["ok"] * 6
+    before = mtimes(dest)
+    plan = pipeline.discover(source, dest, job, chunk_size=2)
+    assert plan.chunks == () and len(plan.kept) == 6
+    by_source = {image.source: image for image in first}
+    for image in plan.kept:  # kept images are reported as fully as made ones
+        made = by_source[image.source]
+        assert image.status == "skipped"
+        assert (image.width, image.height, image.outputs) == (made.width, made.height,
+                                                                made.outputs)
+    assert mtimes(dest) == before
+
+
+def test_deleted_outputs_and_only_those_are_made_again(setup):
+    source, dest, job = setup
+    run_once(source, dest, job)
+    before = mtimes(dest)
+    gone = [f"{RUN}/blur/set0/0.jpg", f"{RUN}/resized/set1/3.jpg"]
+    for key in gone:
+        dest.delete(key)
+    results = run_once(source, dest, job)
+    assert sorted(image.source for image in results if image.status == "ok") == \
+        ["set0/0.jpg", "set1/3.jpg"]
+    after = mtimes(dest)
+    assert set(after) == set(before)
+    assert sorted(key for key in after if after[key] != before[key]) == sorted(gone)
+
+
+def test_everything_deleted_is_everything_made(setup):
+    source, dest, job = setup
+    run_once(source, dest, job)
+    for key in mtimes(dest):
+        dest.delete(key)
+    results = run_once(source, dest, job)
+    assert [image.status for image in results] == ["ok"] * 6
+    assert len(mtimes(dest)) == 12
+
+
+def test_a_changed_source_remakes_only_its_outputs(setup, tmp_path):
+    source, dest, job = setup
+    run_once(source, dest, job)
+    before = mtimes(dest)
+    time.sleep(0.01)
+    (tmp_path / "src/set1/1.jpg").write_bytes(encode(Image.new("RGB", (64, 48), "white"),
+                                                     "jpeg"))
+    results = run_once(source, dest, job)
+    assert [image.source for image in results if image.status == "ok"] == ["set1/1.jpg"]
+    after = mtimes(dest)
+    assert sorted(key for key in after if after[key] != before[key]) == \
+        [f"{RUN}/blur/set1/1.jpg", f"{RUN}/resized/set1/1.jpg"]
+
+
+def test_other_settings_remake_every_output_they_shape(setup):
+    source, dest, job = setup
+    run_once(source, dest, job)
+    before = mtimes(dest)
+    bigger = job.model_copy(update={"spec": job.spec.model_copy(update={"size": (48, 36)})})
+    results = run_once(source, dest, bigger)
+    assert [image.status for image in results] == ["ok"] * 6
+    assert all(image.width == 48 for image in results)
+    after = mtimes(dest)
+    assert all(after[key] != before[key] for key in before)  # resized and blurred alike
+
+
+def test_a_new_filter_makes_only_its_outputs(setup):
+    source, dest, job = setup
+    run_once(source, dest, job)
+    before = mtimes(dest)
+    more = job.model_copy(update={"spec": job.spec.model_copy(
+        update={"filters": ("blur", "emboss")})})
+    results = run_once(source, dest, more)
+    assert all(set(image.outputs) == {"resized", "blur", "emboss"} for image in results)
+    after = mtimes(dest)
+    assert all(after[key] == before[key] for key in before)
+    assert len([key for key in after if "/emboss/" in key]) == 6
+
+
+def test_new_images_are_chunked_on_their_own(setup, tmp_path):
+    source, dest, job = setup
+    run_once(source, dest, job)
+    photos(tmp_path / "src" / "new", 3)
+    plan = pipeline.discover(source, dest, job, chunk_size=2)
+    assert len(plan.kept) == 6
+    assert sorted(item.source for chunk in plan.chunks for item in chunk.items) == \
+        ["new/set0/0.jpg", "new/set0/2.jpg", "new/set1/1.jpg"]
+
+
+def test_chunk_size_is_raised_to_stay_within_the_chunk_cap(tmp_path, caplog):
+    from pixelmill.layout import MAX_CHUNKS, cap_chunk_size
+
+    assert cap_chunk_size(1_000_000, 10) == -(-1_000_000 // MAX_CHUNKS)
+    assert cap_chunk_size(100, 10) == 10
+    with pytest.raises(UsageError):
+        cap_chunk_size(100, 0)
+    source = photos(tmp_path / "src", MAX_CHUNKS + 10)
+    dest = LocalStorage(tmp_path / "dst")
+    job = Job(source=source.uri, destination=dest.uri, run=RUN, spec=PipelineSpec(size=(8, 8)))
+    plan = pipeline.discover(source, dest, job, chunk_size=1)
+    assert len(plan.chunks) <= MAX_CHUNKS and plan.chunk_size == 2
+    assert "--chunk-size 1 would make 160 chunks" in caplog.text
+
+
+def test_stamps_depend_on_source_version_and_settings():
+    spec = PipelineSpec(size=(40, 30), filters=("blur",))
+    base = provenance.resized_stamp("a.jpg", "1", spec)
+    assert base == provenance.resized_stamp("a.jpg", "1", spec)
+    assert base != provenance.resized_stamp("a.jpg", "2", spec)
+    assert base != provenance.resized_stamp("b.jpg", "1", spec)
+    assert base != provenance.resized_stamp("a.jpg", "1", spec.model_copy(
+        update={"quality": 90}))
+    # the resized output does not depend on the filters; a filter output does on its filter
+    assert base == provenance.resized_stamp("a.jpg", "1", spec.model_copy(
+        update={"filters": ()}))
+    assert provenance.filter_stamp("a.jpg", "1", spec, "blur") != \
+        provenance.filter_stamp("a.jpg", "1", spec, "emboss")
+
+
+# -- the run folder's lock -------------------------------------------------------------------
+
+
+def test_a_second_holder_is_refused_with_the_first_named(tmp_path):
+    store = LocalStorage(tmp_path)
+    first = RunLock(store, "r/.pixelmill-lock.json", Holder(flow_run="id-1",
+                                                            flow_run_name="brave-otter"), "r")
+    with first:
+        second = RunLock(store, "r/.pixelmill-lock.json", Holder(flow_run="id-2"), "r")
+        with pytest.raises(RunFolderBusy) as refused:
+            second.acquire()
+        assert "run folder r is in use by flow run brave-otter (id-1)" in str(refused.value)
+        assert isinstance(refused.value, UsageError)  # exit 2 in the CLI
+    assert not (tmp_path / "r/.pixelmill-lock.json").exists()
+    with RunLock(store, "r/.pixelmill-lock.json", Holder(flow_run="id-2"), "r"):
+        pass
+
+
+def test_the_same_flow_run_takes_its_lock_back(tmp_path):
+    store = LocalStorage(tmp_path)
+    RunLock(store, "r/l.json", Holder(flow_run="id-1"), "r").acquire()  # never released
+    with RunLock(store, "r/l.json", Holder(flow_run="id-1"), "r"):  # Prefect's Retry
+        pass
+
+
+def test_a_dead_processes_lock_is_taken_over_at_once(tmp_path):
+    store = LocalStorage(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = Holder(flow_run="id-dead", pid=int(dead))
+    RunLock(store, "r/l.json", stale, "r").acquire()
+    with RunLock(store, "r/l.json", Holder(flow_run="id-new"), "r") as lock:
+        assert runlock._read(store, "r/l.json").token == lock.holder.token
+
+
+def test_a_lock_without_heartbeat_is_stale_on_another_host(tmp_path):
+    store = LocalStorage(tmp_path)
+    far = Holder(flow_run="elsewhere", host="another-host",
+                 heartbeat=time.time() - runlock.LOCK_STALE_S - 1)
+    assert far.dead(time.time())
+    assert not Holder(flow_run="elsewhere", host="another-host").dead(time.time())
+    store.write("r/l.json", __import__("json").dumps(far.__dict__).encode(), "application/json")
+    with RunLock(store, "r/l.json", Holder(flow_run="here"), "r"):
+        pass
+
+
+def test_two_processes_racing_for_one_folder_one_wins(tmp_path):
+    script = f"""
+import sys, time
+from pixelmill.runlock import Holder, RunFolderBusy, RunLock
+from pixelmill.storage import LocalStorage
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+try:
+    lock = RunLock(LocalStorage({str(tmp_path)!r}), "r/l.json", Holder(flow_run=sys.argv[2]),
+                   "r").acquire()
+except RunFolderBusy:
+    print("refused")
+else:
+    print("held"); time.sleep(1.5); lock.release()
+"""
+    start = str(time.time() + 2.0)
+    racers = [subprocess.Popen([sys.executable, "-c", script, start, f"run-{n}"],
+                               stdout=subprocess.PIPE, text=True) for n in range(4)]
+    said = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
+    assert said == ["held", "refused", "refused", "refused"]
