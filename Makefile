@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup browser demo test bench bench-gcs bench-memory clean
+.PHONY: setup browser demo test bench bench-gcs bench-memory bench-rerun clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-gcs: setup
 # driver peak memory for 5,000 small images against 200, printed as a ratio
 bench-memory: setup
 	$(BIN)/python bench/memory.py
+
+# 20,000 small images: the same command again, and again after 1 % new images, as ratios
+# of the first run's time
+bench-rerun: setup
+	$(BIN)/python bench/rerun.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -16,25 +16,27 @@ ROOT = Path(__file__).resolve().parent.parent
 PIXELMILL = str(Path(sys.executable).with_name("pixelmill"))
 
 
-def _one(args: tuple[Path, int, int, int, int]) -> None:
+def _one(args: tuple[Path, int, int, int, int, int, str]) -> None:
     from pixelmill.samples import jpeg_bytes, photo
 
-    folder, number, width, height, quality = args
-    path = folder / f"set{number % 10}" / f"img-{number:05d}.jpg"
+    folder, number, width, height, quality, folders, prefix = args
+    path = folder / f"set{number % folders}" / f"{prefix}-{number:05d}.jpg"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(jpeg_bytes(photo(width, height, seed=number), quality=quality))
 
 
-def make_corpus(folder: Path, count: int, width: int, height: int, quality: int = 90) -> Path:
-    """`count` photo-like JPEGs in 10 sub-folders; reused when already there."""
-    stamp = folder / ".corpus.json"
-    wanted = {"count": count, "width": width, "height": height, "quality": quality}
+def make_corpus(folder: Path, count: int, width: int, height: int, quality: int = 90,
+                folders: int = 10, prefix: str = "img", start: int = 0) -> Path:
+    """`count` photo-like JPEGs spread over `folders` sub-folders; reused when already there."""
+    stamp = folder / f".corpus-{prefix}.json"
+    wanted = {"count": count, "width": width, "height": height, "quality": quality,
+              "folders": folders, "start": start}
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor() as pool:
-        list(pool.map(_one, [(folder, n, width, height, quality) for n in range(count)],
-                      chunksize=8))
+        list(pool.map(_one, [(folder, n, width, height, quality, folders, prefix)
+                             for n in range(start, start + count)], chunksize=8))
     stamp.write_text(json.dumps(wanted))
     return folder
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -10,6 +11,7 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
+from pixelmill import provenance
 from pixelmill.models import ImageResult, RunReport
 from pixelmill.overlap import threaded_map
 from pixelmill.storage import Storage
@@ -22,6 +24,8 @@ LABEL_HEIGHT = 20
 # Sheets are built in the flow's process from the resized outputs; beyond this many tiles
 # (10 sheets) the page itself is the better overview and the driver stays fast and small.
 MAX_SHEET_TILES = SHEET_COLUMNS * SHEET_ROWS * 10
+# Bump when sheets are drawn differently, so that sheets kept from earlier runs are redrawn.
+SHEET_VERSION = 1
 
 
 def _href(path: str) -> str:
@@ -37,9 +41,22 @@ def _label(text: str, width: int = 30) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
+def _sheet_stamp(report: RunReport, tiles: list[ImageResult]) -> str:
+    """What a sheet shows: its tiles' sources, versions, sizes and the settings."""
+    spec = report.spec.model_dump(mode="json", exclude={"filters"})
+    text = json.dumps([SHEET_VERSION, spec, [(tile.source, tile.version, tile.outputs["resized"],
+                                              tile.width, tile.height) for tile in tiles]])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
 def _sheet(report: RunReport, destination: Storage, number: int,
-           tiles: list[ImageResult]) -> str:
-    """Write contact sheet `number` of `tiles`; returns its run-relative path."""
+           tiles: list[ImageResult], held: dict[str, str]) -> str:
+    """Write contact sheet `number` of `tiles` unless the run folder holds it already, drawn
+    from the same tiles (`held`: key -> stamp); returns its run-relative path."""
+    key = report.job.run_file(f"gallery/contact-sheet-{number:02d}.jpg")
+    stamp = _sheet_stamp(report, tiles)
+    if held.get(key) == stamp:
+        return key.removeprefix(f"{report.run}/")
     font = ImageFont.load_default(size=12)  # one per sheet: a FreeType face is not thread-safe
     rows = -(-len(tiles) // SHEET_COLUMNS)
     cell_w, cell_h = TILE[0] + 8, TILE[1] + LABEL_HEIGHT + 8
@@ -64,8 +81,7 @@ def _sheet(report: RunReport, destination: Storage, number: int,
                   font=font)
     buffer = io.BytesIO()
     sheet.save(buffer, "JPEG", quality=85)
-    key = report.job.run_file(f"gallery/contact-sheet-{number:02d}.jpg")
-    destination.write(key, buffer.getvalue(), "image/jpeg")
+    destination.write(key, buffer.getvalue(), "image/jpeg", {provenance.MADE: stamp})
     return key.removeprefix(f"{report.run}/")
 
 
@@ -78,7 +94,9 @@ def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     sheets = [(number, done[start : start + per_sheet])
               for number, start in enumerate(range(0, len(done), per_sheet), start=1)]
-    return threaded_map(lambda sheet: _sheet(report, destination, *sheet), sheets,
+    held = {info.key: info.metadata.get(provenance.MADE, "")
+            for info in destination.list(f"{report.run}/gallery/")}
+    return threaded_map(lambda sheet: _sheet(report, destination, *sheet, held), sheets,
                         max(1, min(len(sheets), os.cpu_count() or 1)))
 
 

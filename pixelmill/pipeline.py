@@ -63,7 +63,8 @@ def _held(item: ChunkItem, job: Job, held: dict[str, ObjectInfo]) -> ChunkItem |
 
 def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,
              cores: int = 1) -> Plan:
-    """List the source once and sniff each object's first bytes; list the run folder once and
+    """List the source once (an image candidate by name or content type; only objects with
+    neither are sniffed); list the run folder once and
     keep every image whose outputs are all there, made from the same source version with the
     same settings; write manifest.json; cut chunks from the images still to make.
 
@@ -73,21 +74,24 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
     listed = [info for info in source.list()
               if not (skip_prefix and info.key.startswith(skip_prefix))  # our own outputs
               and not (info.key.endswith("/") and info.size == 0)]  # "folder" placeholders
+    # An image candidate by its name or content type, as listed; its bytes are checked where
+    # they are decoded anyway. Only objects with neither are sniffed (a JPEG with no extension).
+    named = [info for info in listed if _looks_like_image_name(info)]
+    unnamed = [info for info in listed if not _looks_like_image_name(info)]
     heads = threaded_map(lambda info: source.read_head(info.key, SNIFF_BYTES) if info.size else b"",
-                         listed, SNIFF_THREADS)
-    sniffed = list(zip(listed, heads))
-    accepted: list[tuple[ObjectInfo, str]] = []
-    rejected: list[ImageResult] = []
+                         unnamed, SNIFF_THREADS)
+    accepted: list[tuple[ObjectInfo, str | None]] = [(info, None) for info in named
+                                                      if info.size]
+    rejected = [ImageResult(source=info.key, status="failed", error=describe_non_image(b""))
+                for info in named if not info.size]  # known from the listing alone
     ignored: list[str] = []
-    for info, head in sniffed:
+    for info, head in zip(unnamed, heads):
         fmt = sniff(head)
         if fmt is not None:
             accepted.append((info, fmt))
-        elif _looks_like_image_name(info):
-            rejected.append(ImageResult(source=info.key, status="failed",
-                                        error=describe_non_image(head)))
         else:
             ignored.append(info.key)
+    accepted.sort(key=lambda pair: pair[0].key)
     outputs = assign_outputs((info.key for info, _ in accepted), job.spec.extension)
     if job.sharded:  # outputs were assigned over the whole listing, so shards agree on names
         accepted = [(info, fmt) for info, fmt in accepted

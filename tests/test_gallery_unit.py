@@ -189,3 +189,16 @@ def test_many_images_make_several_sheets(dest):
     assert decode(dest.read("many/gallery/contact-sheet-02.jpg")).size == (6 * 208, 178)
     page = dest.read("many/gallery/index.html").decode()
     assert 'href="contact-sheet-02.jpg"' in page
+
+
+def test_a_contact_sheet_is_drawn_again_only_when_its_tiles_change(report, dest):
+    build_gallery(report, dest)
+    sheet = dest.root / RUN / "gallery/contact-sheet-01.jpg"
+    first = sheet.stat().st_mtime_ns
+    build_gallery(report, dest)  # a re-run with the same images: the sheet is kept
+    assert sheet.stat().st_mtime_ns == first
+    fewer = report.model_copy(update={"images": [i for i in report.images if i.source != KEPT]})
+    build_gallery(fewer, dest)
+    assert sheet.stat().st_mtime_ns != first
+    assert decode(dest.read(f"{RUN}/gallery/contact-sheet-01.jpg")).getpixel(
+        (2 * 208 + 104, 79)) == pytest.approx((32, 32, 32), abs=20)  # the third tile is gone
