@@ -198,10 +198,12 @@ def test_chunk_results_persist_to_a_gcs_bucket_block_and_never_replace_the_bucke
             for state in runs
         ]
     assert states[0] and all(name == "Completed" for name in states[0]), states[0]
-    # the second run finds every output in the run folder: no chunk to run, all kept
-    assert states[1] == [], states[1]
+    # the second run finds every output in the run folder and keeps it: its one chunk is the
+    # PDF named .jpg, which has no output and is tried again
     report = runs[1].result()
     assert report.counts.skipped == len(GOOD) and report.counts.ok == 0
+    assert sum(chunk.images for chunk in report.chunks) == 1, report.chunks
+    assert len(states[1]) == 2, states[1]  # its resize and filter task runs
     # persisted results never stand in for outputs the bucket lost
     for blob in dst.client.list_blobs(dst.name):
         blob.delete()
