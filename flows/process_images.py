@@ -19,6 +19,7 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
+from prefect.utilities.annotations import quote
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
@@ -310,7 +311,9 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
 
     report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
                              sorted(summaries, key=lambda chunk: chunk.index), started_at)
-    index = build_gallery(job, report)
+    # quote: the report holds a record per image, which Prefect would otherwise walk looking
+    # for upstream futures (seconds at 20,000 images)
+    index = build_gallery(job, quote(report))
     if not plan.chunks:
         update_progress_artifact(progress_artifact, 100.0)
     create_markdown_artifact(summary.markdown(report, index), key=_artifact_key("summary", job),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from functools import lru_cache
 
 from pixelmill.filters import filter_folder
 from pixelmill.spec import PipelineSpec
@@ -24,21 +25,24 @@ MADE = "pixelmill-made"  # the stamp
 WIDTH, HEIGHT, NOTES = "pixelmill-width", "pixelmill-height", "pixelmill-notes"
 
 
-def _digest(*parts: object) -> str:
-    text = json.dumps([RENDER_VERSION, *parts], separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+@lru_cache(maxsize=64)
+def _settings(kind: str, spec: PipelineSpec) -> str:
+    """What shapes an output of `kind` ('resized' or a filter's folder), as text."""
+    return json.dumps([RENDER_VERSION, kind, list(spec.size), spec.fit, spec.format,
+                       spec.quality, spec.upscale], separators=(",", ":"))
 
 
-def _resize_settings(spec: PipelineSpec) -> list[object]:
-    return [list(spec.size), spec.fit, spec.format, spec.quality, spec.upscale]
+def _digest(settings: str, source: str, version: str) -> str:
+    text = "\0".join((settings, source, version))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def resized_stamp(source: str, version: str, spec: PipelineSpec) -> str:
-    return _digest("resized", source, version, _resize_settings(spec))
+    return _digest(_settings("resized", spec), source, version)
 
 
 def filter_stamp(source: str, version: str, spec: PipelineSpec, name: str) -> str:
-    return _digest(filter_folder(name), source, version, _resize_settings(spec))
+    return _digest(_settings(filter_folder(name), spec), source, version)
 
 
 def resized_metadata(stamp: str, width: int, height: int,

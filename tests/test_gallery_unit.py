@@ -202,3 +202,15 @@ def test_a_contact_sheet_is_drawn_again_only_when_its_tiles_change(report, dest)
     assert sheet.stat().st_mtime_ns != first
     assert decode(dest.read(f"{RUN}/gallery/contact-sheet-01.jpg")).getpixel(
         (2 * 208 + 104, 79)) == pytest.approx((32, 32, 32), abs=20)  # the third tile is gone
+
+
+def test_prefect_does_not_walk_the_per_image_records_of_a_report(report):
+    """A flow's return value is walked field by field for futures; the images are skipped,
+    and nothing else changes: the report still serializes every image."""
+    from prefect.utilities.collections import visit_collection
+
+    seen = []
+    visit_collection(report, lambda expr: seen.append(expr) or expr, return_data=False)
+    assert not any(isinstance(expr, type(report.images[0])) for expr in seen)
+    assert report.counts in seen
+    assert len(report.model_dump()["images"]) == len(report.images) == 4
