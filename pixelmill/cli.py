@@ -7,7 +7,11 @@ flows are imported only inside the commands that run them, after the API is set 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +49,11 @@ class Fail(Exception):
         self.code = code
 
 
+class ApiLost(Fail):
+    """The Prefect API went away for good: nothing queued for it can be delivered, so the
+    command leaves at once instead of waiting for Prefect's background senders to give up."""
+
+
 def _spec(size: str, fit: str, filters: list[str] | None, fmt: str, quality: int,
           upscale: bool = False) -> PipelineSpec:
     """Validate the pipeline options into a spec; any problem is a UsageError (exit 2)."""
@@ -72,9 +81,12 @@ class RichProgress:
                                       start=False)
         self.chunks_total = self.chunks_done = self.failed = 0
 
-    def planned(self, chunks: int, images: int, rejected: int) -> None:
+    def planned(self, chunks: int, images: int, rejected: int, kept: int = 0) -> None:
         self.chunks_total, self.failed = chunks, rejected
         self.bar.start_task(self.task)
+        if kept:
+            console.print(f"{kept} images kept: their outputs are in the run folder, made from "
+                          "the same source version with the same settings")
         self.bar.update(self.task, total=images, images=images, chunks=f"chunks 0/{chunks}",
                         failed=rejected)
 
@@ -89,6 +101,10 @@ class RichProgress:
 def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
     if not verbose:  # the progress bar is the console view; logs still reach the API/UI
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # Prefect's background services (logs and events sent to the API) print a traceback
+        # for each failed attempt when the API goes away; the command says so once instead.
+        os.environ.setdefault("PREFECT_LOGGING_INTERNAL_LEVEL", "CRITICAL")
+        logging.raiseExceptions = False  # the API log handler's "--- Error logging to API ---"
     try:
         url, info = server.ensure_api()
     except RuntimeError as exc:
@@ -132,7 +148,8 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
             ray_address: str | None = None, run_name: str | None = None,
             chunk_size: int | None = None, verbose: bool = False,
             gcp_credentials_block: str | None = None,
-            result_storage: str | None = None) -> tuple[int, RunReport | None]:
+            result_storage: str | None = None,
+            shared_filesystem: bool = False) -> tuple[int, RunReport | None]:
     """Run the flow in this process with a progress bar; returns (exit status, report)."""
     from pixelmill.layout import check_run_name
 
@@ -165,11 +182,20 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     listener = RichProgress()
     progress.listen(listener)
     started = time.monotonic()
+    api_url = os.environ["PREFECT_API_URL"]
     try:
-        with listener.bar:
+        with listener.bar, _quiet_when_the_api_goes(verbose):
             state = flow(source=source, destination=dest, spec=spec, run_name=run_name,
                          chunk_size=chunk_size, gcp_credentials_block=gcp_credentials_block,
-                         result_storage=result_storage, return_state=True)
+                         result_storage=result_storage, shared_filesystem=shared_filesystem,
+                         return_state=True)
+    except Exception as exc:
+        if verbose:
+            raise
+        if not server.healthy(api_url):
+            raise ApiLost(EXIT_RUN_FAILED, _lost_api(api_url)) from None
+        raise Fail(EXIT_RUN_FAILED, f"the run failed: {type(exc).__name__}: {exc} "
+                   "(--verbose shows where)") from None
     finally:
         progress.unlisten(listener)
         if connected:
@@ -177,6 +203,8 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
 
             ray.shutdown()
     elapsed = time.monotonic() - started
+    if state.is_crashed() and not server.healthy(api_url):
+        raise ApiLost(EXIT_RUN_FAILED, _lost_api(api_url))
     flow_run_id = state.state_details.flow_run_id
     if flow_run_id:
         ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
@@ -191,11 +219,62 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     return (EXIT_IMAGES_FAILED if result.counts.failed else EXIT_OK), result
 
 
+def _lost_api(api_url: str) -> str:
+    return (f"lost the Prefect API at {api_url} during the run; what was written is kept. "
+            "Bring the server back (`pixelmill server start` restarts pixelmill's own on the "
+            "same port and database) and run the same command again to finish")
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter's records in one line each: the traceback stays in the UI's logs
+    and in `--verbose`."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+@contextlib.contextmanager
+def _quiet_when_the_api_goes(verbose: bool):
+    """While the flow runs, the console gets one line per log record (no tracebacks), and
+    Prefect's events client does not warn at every failed reconnection when the API goes
+    away: the command says what happened once, at the end. `--verbose` keeps everything."""
+    if verbose:
+        yield
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict
+                                      .values() if isinstance(logger, logging.Logger))]
+    consoles = {handler for logger in loggers for handler in logger.handlers
+                if isinstance(handler, PrefectConsoleHandler)}
+    formatters = {handler: handler.formatter for handler in consoles}
+    for handler in consoles:
+        handler.setFormatter(_WithoutTraceback(handler.formatter))
+    events = logging.getLogger("prefect.events.clients")
+    level = events.level
+    events.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        events.setLevel(level)
+        for handler, formatter in formatters.items():
+            handler.setFormatter(formatter)
+
+
 def _summary(report: RunReport, elapsed: float) -> None:
     counts = report.counts
     rate = counts.ok / report.duration_s if report.duration_s else 0.0
     gallery = (report.destination.rstrip("/") + f"/{report.run}/gallery/index.html")
-    out.print(f"processed {counts.ok} ok, {counts.failed} failed, {counts.skipped} skipped "
+    out.print(f"processed {counts.ok} ok, {counts.failed} failed, {counts.skipped} kept "
               f"of {counts.discovered} in {report.duration_s:.1f} s ({rate:.1f} images/s; "
               f"{elapsed:.1f} s with start-up)")
     for image in report.failures[:10]:
@@ -214,6 +293,10 @@ def _guard(command) -> None:
         raise typer.Exit(EXIT_USAGE) from None
     except Fail as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
+        if isinstance(exc, ApiLost):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code)
         raise typer.Exit(exc.code) from None
     raise typer.Exit(code or EXIT_OK)
 
@@ -244,15 +327,21 @@ def run(
         "--gcp-credentials-block", help="a prefect-gcp GcpCredentials block; default: ADC")] = None,
     result_storage: Annotated[Optional[str], typer.Option(
         "--result-storage", help="persist chunk results in this block, e.g. gcs-bucket/NAME")] = None,
+    shared_filesystem: Annotated[bool, typer.Option(
+        "--shared-filesystem", help="local SOURCE/DEST are seen by every node of the Ray "
+                                    "cluster (NFS, a mounted bucket)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Resize (and filter) every image under SOURCE into DEST/<run>/ with a gallery."""
+    """Resize (and filter) every image under SOURCE into DEST/<run>/ with a gallery.
+
+    Outputs already in the run folder, made from the same source version with the same
+    settings, are kept: running the same command again makes only what is missing."""
     def command() -> int:
         spec = _spec(size, fit, filter, format, quality, upscale)
         return execute(source, dest, spec, runner=runner, ray_address=ray_address,
                        run_name=run_name, chunk_size=chunk_size, verbose=verbose,
                        gcp_credentials_block=gcp_credentials_block,
-                       result_storage=result_storage)[0]
+                       result_storage=result_storage, shared_filesystem=shared_filesystem)[0]
     _guard(command)
 
 
@@ -404,6 +493,11 @@ def server_status() -> None:
     ray_info = localray.running()
     if ray_info is not None:
         out.print(f"ray: pid {ray_info.pid}, address {ray_info.address}, log {ray_info.log}")
+        recipe = " ".join(f"{key}={shlex.quote(value)}"
+                          for key, value in localray.join_env(ray_info).items())
+        out.print("ray: only pixelmill uses it; another program joins it on purpose with "
+                  f"these variables set (then a plain ray.init()):\n  export {recipe}",
+                  highlight=False, markup=False)
     if info is None:
         out.print("no pixelmill-started Prefect server is running")
         raise typer.Exit(1)
@@ -415,7 +509,7 @@ def server_start(
     ray: Annotated[bool, typer.Option("--ray/--no-ray", help="also the local Ray")] = True,
 ) -> None:
     """Start the local Prefect server and Ray now (runs start them on demand anyway)."""
-    info = server.running() or server.start()
+    info = server.ensure()
     out.print(f"running: pid {info.pid}, UI {info.ui_url}")
     if ray:
         ray_info, _ = localray.ensure()

@@ -4,11 +4,17 @@ It runs `prefect server start` (SQLite under a pixelmill-owned PREFECT_HOME) as 
 process that outlives the command, so the UI stays up to look at runs and the next command
 starts faster. `pixelmill server stop` ends it. Ray workers inherit PREFECT_API_URL and
 report to it instead of each starting a temporary server (PLATFORM.md).
+
+It listens on 127.0.0.1 only. Commands that start it at the same time take turns under a lock
+in PIXELMILL_HOME: one starts it, the others use it. A server that died comes back on the port
+it had (same PREFECT_HOME, so the same database) unless another program took that port.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,18 +22,28 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 # Seconds to wait for a fresh server to answer; it takes 8-10 s on 2 busy cores.
 START_TIMEOUT_S = 90.0
+# Seconds a running server may take to answer before it counts as hung and is replaced: one
+# busy with a large flow run on 2 cores can be slow; only a hung one costs the whole wait.
+BUSY_TIMEOUT_S = 10.0
 PREFERRED_PORT = 4200
+LOCK_FILE = "server.lock"
 # Variables every pixelmill process sets before Prefect is imported.
 BASE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: telemetry only errors
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pixelmill",  # our loggers (GCS retries) reach the UI
 }
+# /proc/net/tcp* state of a listening socket.
+TCP_LISTEN = "0A"
 
 
 @dataclass
@@ -40,20 +56,49 @@ class ServerInfo:
     def ui_url(self) -> str:
         return self.url.removesuffix("/api")
 
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 0
+
 
 def home() -> Path:
-    """pixelmill's own folder: PIXELMILL_HOME or ~/.pixelmill."""
-    return Path(os.environ.get("PIXELMILL_HOME") or Path.home() / ".pixelmill").expanduser()
+    """pixelmill's own folder: PIXELMILL_HOME or ~/.pixelmill, as an absolute path (the
+    services it starts run in it and get paths inside it)."""
+    folder = os.environ.get("PIXELMILL_HOME") or Path.home() / ".pixelmill"
+    return Path(folder).expanduser().absolute()
 
 
 def _state_file(base: Path) -> Path:
     return base / "server.json"
 
 
+def write_state(path: Path, data: dict) -> None:
+    """Replace a state file whole: a command reading it meanwhile sees the old or the new."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(data))
+    partial.replace(path)
+
+
+@contextmanager
+def locked(base: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on base/name: commands that check for a kept service and start
+    it take turns, so two started together make one service and both use it. The kernel
+    drops the lock when its holder exits, however it exits."""
+    base.mkdir(parents=True, exist_ok=True)
+    with (base / name).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def free_port(preferred: int | None = None) -> int:
-    """`preferred` if it is free on loopback, else any free loopback port."""
+    """`preferred` if it is free on loopback, else any free loopback port. `preferred` is free
+    as the servers bind it (SO_REUSEADDR): when nothing listens on it, even while connections
+    of a server that died there linger in TIME_WAIT. Any port is one the kernel keeps clear of
+    those, for callers that bind without SO_REUSEADDR."""
     for port in ([preferred] if preferred else []) + [0]:
         with socket.socket() as sock:
+            if port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -79,6 +124,97 @@ def alive(pid: int) -> bool:
     return True
 
 
+def _proc() -> Path | None:
+    """/proc where it describes processes (Linux), else None."""
+    proc = Path("/proc")
+    return proc if (proc / "self/stat").exists() else None
+
+
+def command_line(pid: int) -> str:
+    """The command line of `pid`, its arguments joined by spaces; "" when it is gone or a
+    zombie. A recorded pid is only ours while it still runs the command we started."""
+    proc = _proc()
+    if proc is None:
+        result = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                                text=True, check=False)
+        return result.stdout.strip()
+    try:
+        return (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def runs(pid: int, marker: str) -> bool:
+    """True when `pid` is alive and its command line contains `marker`."""
+    return marker in command_line(pid)
+
+
+def mentions(pid: int, text: str) -> bool:
+    """True when the command line or the environment of `pid` contains `text` (Linux)."""
+    proc = _proc()
+    if proc is None:
+        return False
+    try:
+        raw = b"".join((proc / str(pid) / name).read_bytes() for name in ("cmdline", "environ"))
+    except OSError:
+        return False
+    return text.encode() in raw
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of process group `pgid` (Linux; [] where /proc cannot tell)."""
+    proc = _proc()
+    members = []
+    for entry in proc.iterdir() if proc else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def listens(pgid: int, port: int) -> bool | None:
+    """Whether a process of group `pgid` is the one listening on TCP `port`, so a health check
+    on that port is answered by it and not by another program that took the port; None where
+    /proc cannot tell (not Linux)."""
+    proc = _proc()
+    if proc is None:
+        return None
+    inodes = set()
+    for table in ("net/tcp", "net/tcp6"):
+        try:
+            lines = (proc / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in group_members(pgid) if inodes else ():
+        try:
+            fds = list((proc / str(pid) / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def _marker(port: int) -> str:
+    """What the command line of pixelmill's server on `port` contains."""
+    return f"server start --host 127.0.0.1 --port {port}"
+
+
 def _recorded(base: Path | None) -> ServerInfo | None:
     """The server pixelmill wrote down when it started one, if any."""
     try:
@@ -87,10 +223,14 @@ def _recorded(base: Path | None) -> ServerInfo | None:
         return None
 
 
-def running(base: Path | None = None) -> ServerInfo | None:
-    """The server pixelmill started earlier, if it is still up and answering."""
+def running(base: Path | None = None, timeout: float = 2.0) -> ServerInfo | None:
+    """The server pixelmill started earlier, if it is still up and answering on its port
+    itself (not another program that took the port)."""
     info = _recorded(base)
-    return info if info and alive(info.pid) and healthy(info.url) else None
+    if info and runs(info.pid, _marker(info.port)) and healthy(info.url, timeout) and listens(
+            info.pid, info.port) is not False:
+        return info
+    return None
 
 
 def venv_tool(name: str) -> str:
@@ -100,21 +240,22 @@ def venv_tool(name: str) -> str:
 
 
 def start_detached(command: list[str], env: dict[str, str], log_path: Path,
-                   ready: Callable[[], bool], timeout: float, what: str,
+                   ready: Callable[[int], bool], timeout: float, what: str,
                    cwd: Path | None = None, stop_timeout: float = 15.0) -> int:
     """Start `command` in a session of its own (it outlives this process), its output appended
-    to `log_path`, and wait until `ready()`; returns its pid. If it exits first or is not ready
-    in time, it is stopped and RuntimeError carries the end of its log."""
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+    to `log_path`, and wait until `ready(pid)` while it still runs; returns its pid. If it
+    exits first or is not ready in time, it is stopped and RuntimeError carries the end of
+    its log."""
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if process.poll() is None and ready(process.pid) and process.poll() is None:
+            return process.pid
+        if process.returncode is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{what} exited with {process.returncode}:\n{tail}")
-        if ready():
-            return process.pid
         time.sleep(0.25)
     stop_pid(process.pid, timeout=stop_timeout)
     raise RuntimeError(f"{what} did not answer within {timeout:.0f} s; see {log_path}")
@@ -122,8 +263,8 @@ def start_detached(command: list[str], env: dict[str, str], log_path: Path,
 
 def start(base: Path | None = None, port: int | None = None,
           timeout: float = START_TIMEOUT_S) -> ServerInfo:
-    """Start `prefect server start` on loopback and wait until its API answers."""
-    base = base or home()
+    """Start `prefect server start` on loopback and wait until it answers on its port."""
+    base = (base or home()).absolute()
     base.mkdir(parents=True, exist_ok=True)
     port = port or free_port(PREFERRED_PORT)
     log_path = base / "server.log"
@@ -132,11 +273,15 @@ def start(base: Path | None = None, port: int | None = None,
     env["PREFECT_HOME"] = str(base / "prefect")
     env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
     url = f"http://127.0.0.1:{port}/api"
+
+    def ready(pid: int) -> bool:  # answered by our process, not one that took the port first
+        return healthy(url) and listens(pid, port) is not False
+
     pid = start_detached([venv_tool("prefect"), "server", "start", "--host", "127.0.0.1",
-                          "--port", str(port)], env, log_path, lambda: healthy(url), timeout,
-                         "prefect server")
+                          "--port", str(port)], env, log_path, ready, timeout,
+                         "prefect server", cwd=base)
     info = ServerInfo(url=url, pid=pid, log=str(log_path))
-    _state_file(base).write_text(json.dumps(asdict(info)))
+    write_state(_state_file(base), asdict(info))
     return info
 
 
@@ -158,15 +303,41 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
             time.sleep(0.2)
 
 
-def stop(base: Path | None = None) -> ServerInfo | None:
-    """Stop the server pixelmill started (if any); returns what was stopped."""
+def _stop(base: Path) -> ServerInfo | None:
+    """Stop the recorded server if it still runs and forget it; returns it if it ran. A
+    record whose pid now belongs to another program (after a reboot) is only forgotten."""
     info = _recorded(base)
     if info is None:
         return None
-    if alive(info.pid):
+    ran = runs(info.pid, _marker(info.port))
+    if ran:
         stop_pid(info.pid)
-    _state_file(base or home()).unlink(missing_ok=True)
-    return info
+    _state_file(base).unlink(missing_ok=True)
+    return info if ran else None
+
+
+def stop(base: Path | None = None) -> ServerInfo | None:
+    """Stop the server pixelmill started (if any); returns what was stopped."""
+    base = base or home()
+    with locked(base, LOCK_FILE):
+        return _stop(base)
+
+
+def ensure(base: Path | None = None) -> ServerInfo:
+    """pixelmill's server, started now if it is not running: on the port it had before when
+    that port is free (its database is the same), else on another, with a warning."""
+    base = base or home()
+    with locked(base, LOCK_FILE):
+        info = running(base, timeout=BUSY_TIMEOUT_S)
+        if info is not None:
+            return info
+        before = _recorded(base)
+        _stop(base)  # one of ours that stopped answering
+        port = free_port(before.port if before else PREFERRED_PORT)
+        if before and port != before.port:
+            log.warning("port %d, where pixelmill's Prefect server was, is taken by another "
+                        "program; starting it on port %d", before.port, port)
+        return start(base, port)
 
 
 def ensure_api() -> tuple[str, ServerInfo | None]:
@@ -181,6 +352,6 @@ def ensure_api() -> tuple[str, ServerInfo | None]:
         if not healthy(url, timeout=10):
             raise RuntimeError(f"PREFECT_API_URL={url} does not answer; start it or unset it")
         return url, None
-    info = running() or start()
+    info = ensure()
     os.environ["PREFECT_API_URL"] = info.url
     return info.url, info

@@ -49,6 +49,11 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
         token = Path(info["token"])  # pixelmill's own token, for this user only
         assert token.parent == home and token.stat().st_mode & 0o777 == 0o600
         assert len(token.read_text()) == 64
+        # its session files are its own (tmp_path is too deep for Ray's sockets: under /tmp),
+        # so it is never the cluster a plain ray.init() on this machine joins
+        temp = Path(info["temp_dir"])
+        assert temp.parent.name.startswith("pixelmill-ray-")
+        assert (temp / "ray_current_cluster").read_text().strip() == info["address"]
 
         second = subprocess.run([*run, "--run-name", "two"], env=env, capture_output=True,
                                 text=True, timeout=300, cwd=tmp_path)
@@ -70,12 +75,18 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
         status = subprocess.run([PIXELMILL, "server", "status"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert f"ray: pid {info['pid']}, address {info['address']}" in status.stdout
+
+        check = subprocess.run([PIXELMILL, "check", "--storage", str(tmp_path)], env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert check.returncode == 0, check.stdout + check.stderr[-2000:]
+        assert "Ray ran a remote task" in check.stdout
     finally:
         stop = subprocess.run([PIXELMILL, "server", "stop"], env=env, capture_output=True,
                               text=True, timeout=120)
         localray.stop(home)  # in case the command above failed
     assert f"stopped ray pid {info['pid']}" in stop.stdout
     assert not alive(info["pid"]) and not (home / "ray.json").exists()
+    assert not temp.parent.exists()
 
 
 def test_job_env_keeps_only_what_a_run_needs():
