@@ -241,7 +241,8 @@ def test_a_second_holder_is_refused_with_the_first_named(tmp_path):
 
 def test_the_same_flow_run_takes_its_lock_back(tmp_path):
     store = LocalStorage(tmp_path)
-    RunLock(store, "r/l.json", Holder(flow_run="id-1"), "r").acquire()  # never released
+    crashed = RunLock(store, "r/l.json", Holder(flow_run="id-1"), "r").acquire()
+    crashed._stop.set()  # its process died: no heartbeat, never released
     with RunLock(store, "r/l.json", Holder(flow_run="id-1"), "r"):  # Prefect's Retry
         pass
 
@@ -251,7 +252,7 @@ def test_a_dead_processes_lock_is_taken_over_at_once(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     stale = Holder(flow_run="id-dead", pid=int(dead))
-    RunLock(store, "r/l.json", stale, "r").acquire()
+    RunLock(store, "r/l.json", stale, "r").acquire()._stop.set()  # as if that process died
     with RunLock(store, "r/l.json", Holder(flow_run="id-new"), "r") as lock:
         assert runlock._read(store, "r/l.json").token == lock.holder.token
 
