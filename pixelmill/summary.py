@@ -32,7 +32,8 @@ def markdown(report: RunReport, gallery_key: str) -> str:
     lines = [
         f"# pixelmill run `{report.run}`",
         "",
-        f"**{counts.ok} ok**, **{counts.failed} failed**, {counts.skipped} skipped of "
+        f"**{counts.ok} made**, **{counts.failed} failed**, {counts.skipped} kept from an "
+        f"earlier run, of "
         f"{counts.discovered} discovered in {report.duration_s:.1f} s ({rate:.1f} images/s).",
         "",
         f"- source: `{report.source}`",
@@ -40,8 +41,7 @@ def markdown(report: RunReport, gallery_key: str) -> str:
         f"- settings: {spec.size[0]}x{spec.size[1]} {spec.fit}, {spec.format} q{spec.quality}, "
         f"filters: {', '.join(spec.filters) or 'none'}",
         f"- chunks: {len(report.chunks)} "
-        f"({sum(c.state not in ('Completed', 'Cached') for c in report.chunks)} failed, "
-        f"{sum(c.state == 'Cached' for c in report.chunks)} reused)",
+        f"({sum(c.state != 'Completed' for c in report.chunks)} failed)",
         "",
         f"[Open the gallery]({object_url(report.destination, gallery_key)})",
     ]
