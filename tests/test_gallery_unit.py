@@ -214,3 +214,10 @@ def test_prefect_does_not_walk_the_per_image_records_of_a_report(report):
     assert not any(isinstance(expr, type(report.images[0])) for expr in seen)
     assert report.counts in seen
     assert len(report.model_dump()["images"]) == len(report.images) == 4
+
+
+def test_the_ui_summary_counts_made_kept_and_failed(report):
+    from pixelmill import summary
+
+    text = summary.markdown(report, f"{RUN}/gallery/index.html")
+    assert "**2 made**, **1 failed**, 1 kept from an earlier run, of 4 discovered" in text
