@@ -34,7 +34,7 @@ def render(kind: str) -> str:
     config = copy.deepcopy(base)
     config.pop("definitions", None)
     config["build"] = [step for step in base["build"]
-                       if "git-sha" in str(step)]  # no checkout: the code is in the image
+                       if "checkout" not in str(step)]  # no checkout: the code is in the image
     config["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}]
     pool = VARIANTS[kind]
     for deployment in config["deployments"]:

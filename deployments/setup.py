@@ -4,7 +4,9 @@
     python -m deployments.setup blocks [--service-account-file F] [--results-bucket B]
 
 Values not given as options come from the environment (GOOGLE_APPLICATION_CREDENTIALS,
-PIXELMILL_RESULTS_BUCKET), so CI and a shell profile can drive it the same way.
+PIXELMILL_RESULTS_BUCKET), so CI and a shell profile can drive it the same way. The Prefect
+API is PREFECT_API_URL (or the active Prefect profile's); when none answers, the command says
+so in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -24,12 +26,43 @@ POOLS = {"process": "pixelmill-process", "docker": "pixelmill-docker",
          "cloud-run-v2": "pixelmill-cloud-run"}
 CREDENTIALS_BLOCK = "pixelmill-gcp"
 RESULTS_BLOCK = "pixelmill-results"
+# Exit status when the Prefect API is not set or does not answer: a configuration problem.
+EXIT_CONFIG = 2
+START_HINT = 'eval "$(.venv/bin/pixelmill server start --no-ray)"'
+
+
+def _require_api() -> str:
+    """The Prefect API URL, checked to answer; otherwise one line and exit 2. Without a
+    URL, Prefect would create the pools in a temporary server that is gone a moment later."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        _fail(f"PREFECT_API_URL is not set; start pixelmill's server with {START_HINT}, or "
+              "export the URL of yours")
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        _fail(f"the Prefect API at {url} (PREFECT_API_URL) does not answer "
+              f"({type(problem).__name__}); start it ({START_HINT} for pixelmill's) or "
+              "correct PREFECT_API_URL")
+    return url
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_CONFIG)
 
 
 def _prefect(*args: str) -> None:
     prefect = Path(sys.executable).with_name("prefect")
-    subprocess.run([str(prefect if prefect.exists() else "prefect"), "--no-prompt", *args],
-                   check=True)
+    command = [str(prefect if prefect.exists() else "prefect"), "--no-prompt", *args]
+    result = subprocess.run(command, check=False)
+    if result.returncode:
+        typer.echo(f"error: `prefect {' '.join(args)}` exited with {result.returncode} "
+                   "(its output is above)", err=True)
+        raise typer.Exit(result.returncode)
 
 
 @app.command()
@@ -39,6 +72,7 @@ def pools(
 ) -> None:
     """Create (or update) the process work pool, and the Docker / Cloud Run ones if asked."""
     wanted = ["process"] + (["docker"] if docker else []) + (["cloud-run-v2"] if cloud_run else [])
+    _require_api()
     for kind in wanted:
         _prefect("work-pool", "create", POOLS[kind], "--type", kind, "--overwrite")
         typer.echo(f"work pool {POOLS[kind]} ({kind}) ready")
@@ -53,6 +87,7 @@ def blocks(
 ) -> None:
     """Register the GcpCredentials block (and a GcsBucket block for results if a bucket is
     named): the flow's `gcp_credentials_block` and `result_storage` parameters use them."""
+    _require_api()
     import tasks.storage  # noqa: F401  (emulator: anonymous credentials for prefect-gcp)
     from prefect_gcp import GcpCredentials
     from prefect_gcp.cloud_storage import GcsBucket

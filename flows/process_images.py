@@ -28,6 +28,7 @@ from pixelmill import progress, summary
 from pixelmill.errors import UsageError
 from pixelmill.layout import check_run_name, check_shard, run_stamp
 from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
+from pixelmill.preflight import check_destination
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from pixelmill.storage import is_gcs
@@ -259,6 +260,7 @@ def process_images(
     resize_task, filter_task = _persisting(result_storage)
     nodes = _nodes()
     try:
+        check_destination(destination)  # a file, unwritable, no bucket: refused, not retried
         _check_resources({"resize": resize_resources, "filter": filter_resources}, nodes)
         _check_paths(job, nodes, shared_filesystem)
         job, lock = _lock_run_folder(job, named=bool(run_name))
@@ -281,7 +283,7 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
     progress.planned(len(plan.chunks), images, len(plan.rejected), len(plan.kept))
     progress_artifact = create_progress_artifact(
         0.0, key=_artifact_key("progress", job),
-        description=f"chunks done of {len(plan.chunks)} ({images} images to make, "
+        description=f"share of the {len(plan.chunks)} chunks done ({images} images to make, "
                     f"{len(plan.kept)} kept)")
 
     resize_job = job.without_filters()  # the resize stage does not depend on the filters

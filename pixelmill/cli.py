@@ -22,15 +22,28 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pixelmill import localray, server
+from pixelmill import localray, preflight, server
 from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
 from pixelmill.models import ChunkResult, RunReport
 from pixelmill.spec import PipelineSpec, check_runner, parse_size
-from pixelmill.storage import LocalStorage, is_gcs, open_storage
+from pixelmill.storage import LocalStorage, open_storage
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
+
 DEMO_FILTERS = ("blur", "sharpen", "contour", "emboss")
+
+
+def _flag_type(option: typer.core.TyperOption, ctx) -> str | None:
+    """The type shown after an option in --help: none for a flag, which takes no value
+    (typer would show `<bool>`, as if `--upscale true` were expected)."""
+    if option.is_flag:
+        return None
+    return _value_type(option, ctx)
+
+
+_value_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch image pipeline on Prefect + Ray: resize, filter, gallery.")
@@ -69,32 +82,51 @@ def _spec(size: str, fit: str, filters: list[str] | None, fmt: str, quality: int
 
 
 class RichProgress:
-    """Draws chunks done / images done / failures while the flow runs in this process."""
+    """Draws chunks done / images done / failures while the flow runs in this process.
+
+    Images counts every image this run decides on: those to make and those refused at
+    discovery (done and failed from the start); kept ones are said once, not counted. An
+    image is counted failed once, however many stages report it."""
 
     def __init__(self) -> None:
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                             TextColumn("{task.fields[chunks]}"),
                             TextColumn("images {task.completed:.0f}/{task.fields[images]}"),
-                            TextColumn("[red]{task.fields[failed]} failed"),
+                            TextColumn("{task.fields[failed]}"),
                             TimeElapsedColumn(), console=console, transient=False)
-        self.task = self.bar.add_task("processing", total=None, chunks="", images="?", failed=0,
-                                      start=False)
-        self.chunks_total = self.chunks_done = self.failed = 0
+        self.task = self.bar.add_task("processing", total=None, chunks="", images="?",
+                                      failed=self.failed_text(0), start=False)
+        self.chunks_total = self.chunks_done = self.failed_chunk_images = 0
+        self.failed_sources: set[str] = set()
+
+    @staticmethod
+    def failed_text(failed: int) -> str:
+        """The failures count, in red only when something failed (red means look)."""
+        return f"[red]{failed} failed[/red]" if failed else f"{failed} failed"
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_sources) + self.failed_chunk_images
 
     def planned(self, chunks: int, images: int, rejected: int, kept: int = 0) -> None:
-        self.chunks_total, self.failed = chunks, rejected
+        self.chunks_total = chunks
+        self.failed_chunk_images = rejected  # refused at discovery: failed, nothing to do
         self.bar.start_task(self.task)
         if kept:
             console.print(f"{kept} images kept: their outputs are in the run folder, made from "
                           "the same source version with the same settings")
-        self.bar.update(self.task, total=images, images=images, chunks=f"chunks 0/{chunks}",
-                        failed=rejected)
+        self.bar.update(self.task, total=images + rejected, completed=rejected,
+                        images=images + rejected, chunks=f"chunks 0/{chunks}",
+                        failed=self.failed_text(self.failed))
 
     def chunk_done(self, result: ChunkResult | None, images: int) -> None:
         self.chunks_done += 1
-        failed = images if result is None else sum(i.status == "failed" for i in result.images)
-        self.failed += failed
-        self.bar.update(self.task, advance=images, failed=self.failed,
+        if result is None:  # the chunk failed for good: every image of it failed
+            self.failed_chunk_images += images
+        else:
+            self.failed_sources.update(image.source for image in result.images
+                                       if image.status == "failed")
+        self.bar.update(self.task, advance=images, failed=self.failed_text(self.failed),
                         chunks=f"chunks {self.chunks_done}/{self.chunks_total}")
 
 
@@ -113,7 +145,8 @@ def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
         console.print(f"Prefect UI: [link={info.ui_url}]{info.ui_url}[/link] "
                       "(local server; `pixelmill server stop` ends it)")
     else:
-        console.print(f"Prefect API: {url}")
+        console.print(f"using the Prefect server at {url} (not started by pixelmill; "
+                      "PREFECT_API_URL)", highlight=False)
     return info
 
 
@@ -131,19 +164,6 @@ def _local_ray() -> tuple[str, dict[str, str]]:
     return info.address, localray.job_env()
 
 
-def _check_source(source: str) -> None:
-    """Fail before anything starts when SOURCE cannot be listed (exit 2, nothing written)."""
-    if not is_gcs(source):
-        if not Path(source).is_dir():
-            raise UsageError(f"SOURCE {source}: no such folder; give a folder of images or "
-                             "gs://bucket/prefix")
-        return
-    try:
-        next(iter(open_storage(source).list()), None)
-    except PermissionError as exc:  # StorageAccessError: credentials, permission, no bucket
-        raise UsageError(f"SOURCE {source}: {exc}") from None
-
-
 def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
             ray_address: str | None = None, run_name: str | None = None,
             chunk_size: int | None = None, verbose: bool = False,
@@ -154,9 +174,11 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     from pixelmill.layout import check_run_name
 
     check_runner(runner)
-    if not gcp_credentials_block:
-        _check_source(source)  # with a block, Prefect must be up first to load it
-    open_storage(dest, destination=True)
+    if not gcp_credentials_block:  # with a block, Prefect must be up first to load it
+        preflight.check_source(source, dest)
+        preflight.check_destination(dest)
+    else:
+        open_storage(dest, destination=True)  # the URI's form at least
     if run_name:
         check_run_name(run_name)
     if chunk_size is not None and chunk_size < 1:
@@ -216,6 +238,8 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
         console.print(f"[red]run failed:[/red] {state.message or result}")
         return EXIT_RUN_FAILED, None
     _summary(result, elapsed)
+    if not result.counts.discovered:  # only a shard, or a source emptied since the check
+        console.print(f"no images found under {source}", highlight=False)
     return (EXIT_IMAGES_FAILED if result.counts.failed else EXIT_OK), result
 
 
@@ -417,7 +441,9 @@ def check(
         import ray
 
         address, job_env = (ray_address, None) if ray_address else _local_ray()
-        ray.init(address=address, log_to_driver=False,
+        # Ray's own INFO lines ("Connecting to existing Ray cluster at ...") would repeat,
+        # less precisely, what the line below says
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": job_env} if job_env else None)
         try:
             @ray.remote
@@ -498,6 +524,10 @@ def server_status() -> None:
         out.print("ray: only pixelmill uses it; another program joins it on purpose with "
                   f"these variables set (then a plain ray.init()):\n  export {recipe}",
                   highlight=False, markup=False)
+    foreign = server.foreign_api_url(info)
+    if foreign:
+        out.print(f"PREFECT_API_URL points at {foreign}, a Prefect server not started by "
+                  "pixelmill: runs from this shell use it", highlight=False, markup=False)
     if info is None:
         out.print("no pixelmill-started Prefect server is running")
         raise typer.Exit(1)
@@ -508,12 +538,32 @@ def server_status() -> None:
 def server_start(
     ray: Annotated[bool, typer.Option("--ray/--no-ray", help="also the local Ray")] = True,
 ) -> None:
-    """Start the local Prefect server and Ray now (runs start them on demand anyway)."""
-    info = server.ensure()
-    out.print(f"running: pid {info.pid}, UI {info.ui_url}")
-    if ray:
-        ray_info, _ = localray.ensure()
-        out.print(f"ray: pid {ray_info.pid}, address {ray_info.address}")
+    """Start the local Prefect server and Ray now (runs start them on demand anyway).
+
+    Prints shell lines: comments saying what runs, and the `export PREFECT_API_URL=...` that
+    points `prefect` commands at the server, so `eval "$(pixelmill server start)"` sets it."""
+    def command() -> int:
+        try:
+            info = server.ensure()
+        except RuntimeError as exc:
+            raise Fail(EXIT_RUN_FAILED, "could not start the Prefect server: "
+                       f"{str(exc).splitlines()[0]}") from None
+        out.print(f"# pixelmill's Prefect server is running: pid {info.pid}, UI {info.ui_url}, "
+                  f"API {info.url}", highlight=False, markup=False)
+        if ray:
+            try:
+                ray_info, _ = localray.ensure()
+            except RuntimeError as exc:
+                raise Fail(EXIT_RUN_FAILED, "could not start a local Ray: "
+                           f"{str(exc).splitlines()[0]}") from None
+            out.print(f"# ray: pid {ray_info.pid}, address {ray_info.address}",
+                      highlight=False, markup=False)
+        out.print("# point prefect commands in this shell at it (or run "
+                  "eval \"$(pixelmill server start)\"):", highlight=False, markup=False)
+        out.print(f"export PREFECT_API_URL={shlex.quote(info.url)}", highlight=False,
+                  markup=False)
+        return EXIT_OK
+    _guard(command)
 
 
 @server_app.command("stop")

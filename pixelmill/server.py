@@ -340,10 +340,27 @@ def ensure(base: Path | None = None) -> ServerInfo:
         return start(base, port)
 
 
+def foreign_api_url(own: ServerInfo | None) -> str | None:
+    """PREFECT_API_URL when it names a server other than pixelmill's own `own`, else None."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url or (own is not None and _same_api(url, own.url)):
+        return None
+    return url
+
+
+def _same_api(first: str, second: str) -> bool:
+    """The same API, written with or without a trailing slash or as localhost."""
+    def norm(url: str) -> str:
+        return url.rstrip("/").replace("://localhost:", "://127.0.0.1:")
+
+    return norm(first) == norm(second)
+
+
 def ensure_api() -> tuple[str, ServerInfo | None]:
     """Make sure a Prefect API answers and PREFECT_API_URL points at it.
 
-    Returns (api_url, the embedded server or None when the user's own API is used).
+    Returns (api_url, pixelmill's server, or None when PREFECT_API_URL names a server
+    pixelmill did not start: it is used, never taken for pixelmill's own).
     """
     for key, value in BASE_ENV.items():
         os.environ.setdefault(key, value)
@@ -351,7 +368,8 @@ def ensure_api() -> tuple[str, ServerInfo | None]:
     if url:
         if not healthy(url, timeout=10):
             raise RuntimeError(f"PREFECT_API_URL={url} does not answer; start it or unset it")
-        return url, None
+        own = running()
+        return url, (own if own is not None and _same_api(url, own.url) else None)
     info = ensure()
     os.environ["PREFECT_API_URL"] = info.url
     return info.url, info

@@ -96,3 +96,166 @@ def test_check_reports_ray_prefect_and_storage(tmp_path, prefect_api):
     assert "ok Ray ran a remote task" in result.stdout
     assert f"ok storage {tmp_path} is writable" in result.stdout
     assert list(tmp_path.iterdir()) == []  # the probe object is cleaned up
+
+
+NO_API = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing answers: checks come first
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below/it"])
+def test_a_destination_that_is_a_file_exits_2_at_once(tmp_path, where):
+    source = make_source(tmp_path / "in")
+    (tmp_path / "a-file").write_text("not a folder")
+    result = pixelmill("run", str(source), str(tmp_path / where), env=NO_API)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = one_error_line(result)
+    assert f"DEST {tmp_path / where}" in line and "is a file" in line, line
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_a_destination_not_writable_is_refused(tmp_path, monkeypatch):
+    from pixelmill import preflight
+    from pixelmill.errors import UsageError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # the tests may run as root, who may write anywhere
+    monkeypatch.setattr(preflight.os, "access",
+                        lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    preflight.check_destination(str(tmp_path / "open"))  # a writable parent: fine
+    with pytest.raises(UsageError, match=f"DEST {locked}/out: {locked} is not writable"):
+        preflight.check_destination(str(locked / "out"))
+    assert not (locked / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_destination_bucket_that_does_not_exist_exits_2_at_once(tmp_path, gcs):
+    source = make_source(tmp_path / "in")
+    result = pixelmill("run", str(source), "gs://no-such-bucket-pixelmill/out", env=NO_API)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = one_error_line(result)
+    assert "DEST gs://no-such-bucket-pixelmill/out" in line and "bucket not found" in line
+
+
+def test_a_source_without_images_exits_2_and_says_so(tmp_path):
+    source = tmp_path / "in"
+    (source / "docs").mkdir(parents=True)
+    (source / "docs" / "notes.txt").write_text("no pictures here")
+    result = pixelmill("run", str(source), str(tmp_path / "out"), env=NO_API)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"no images found under SOURCE {source}" in one_error_line(result)
+    assert not (tmp_path / "out").exists()
+    # an image without an extension is found by its first bytes
+    from pixelmill.samples import jpeg_bytes, photo
+
+    (source / "docs" / "scan").write_bytes(jpeg_bytes(photo(40, 30)))
+    from pixelmill import preflight
+
+    preflight.check_source(str(source))
+
+
+@pytest.mark.slow
+def test_an_empty_gcs_prefix_exits_2_and_says_so(tmp_path, gcs):
+    bucket = gcs.bucket(gcs.unique("empty"))
+    bucket.blob("photos/readme.txt").upload_from_string(b"text", content_type="text/plain")
+    result = pixelmill("run", f"gs://{bucket.name}/photo", str(tmp_path / "out"), env=NO_API)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = one_error_line(result)
+    assert f"no images found under SOURCE gs://{bucket.name}/photo" in line
+    assert "prefix" in line
+
+
+def _rendered(listener) -> str:
+    """The progress bar's line as a colour terminal shows it (ANSI codes included)."""
+    from rich.console import Console
+
+    screen = Console(force_terminal=True, color_system="standard", width=200, record=True)
+    screen.print(listener.bar.make_tasks_table(listener.bar.tasks))
+    return screen.export_text(styles=True)
+
+
+def test_progress_counts_each_image_once_and_red_only_for_failures(monkeypatch):
+    from pixelmill import cli
+    from pixelmill.models import ChunkResult, ImageResult
+
+    listener = cli.RichProgress()
+    # 3 to make in 2 chunks, 1 refused at discovery (an empty a.jpg), nothing kept
+    listener.planned(chunks=2, images=3, rejected=1)
+    assert "images 1/4" in _rendered(listener)
+    ok = ChunkResult(index=0, images=(ImageResult(source="b.jpg", status="ok"),
+                                      ImageResult(source="c.jpg", status="ok")))
+    listener.chunk_done(ok, 2)
+    line = _rendered(listener)
+    assert "images 3/4" in line and "1 failed" in line and "\x1b[31m1 failed" in line, line
+    bad = ImageResult(source="d.jpg", status="failed", error="not an image")
+    listener.chunk_done(ChunkResult(index=1, images=(bad, bad)), 1)  # reported twice
+    line = _rendered(listener)
+    assert "images 4/4" in line and "2 failed" in line and "chunks 2/2" in line, line
+
+    clean = cli.RichProgress()
+    clean.planned(chunks=1, images=2, rejected=0)
+    clean.chunk_done(ok, 2)
+    line = _rendered(clean)
+    assert "0 failed" in line and "\x1b[31m0 failed" not in line, line
+
+
+def test_help_shows_no_type_after_flags():
+    result = pixelmill("run", "--help", env={"COLUMNS": "120"})
+    assert result.returncode == 0
+    lines = {line.split()[1]: line for line in result.stdout.splitlines()
+             if line.startswith("│ --")}
+    assert "<int>" in lines["--quality"]  # options with a value still show its type
+    for flag in ("--upscale", "--shared-filesystem", "--verbose", "--help"):
+        assert "<bool>" not in lines[flag], lines[flag]
+
+
+@pytest.mark.slow
+def test_a_server_pixelmill_did_not_start_is_named_as_such(tmp_path, prefect_api):
+    """The session's server is not the one recorded in a fresh PIXELMILL_HOME: pixelmill
+    uses it and says it did not start it; the progress bar counts the bad image once."""
+    source = tmp_path / "in"
+    source.mkdir()
+    from pixelmill.samples import jpeg_bytes, photo
+
+    for name in ("a", "b"):
+        (source / f"{name}.jpg").write_bytes(jpeg_bytes(photo(300, 200)))
+    (source / "bad.jpg").write_text("hello")
+    result = pixelmill("run", str(source), str(tmp_path / "out"), "--runner", "threads",
+                       env={"PIXELMILL_HOME": str(tmp_path / "home")})
+    assert result.returncode == 1, result.stderr
+    assert (f"using the Prefect server at {prefect_api} (not started by pixelmill"
+            in result.stderr), result.stderr
+    assert "Prefect UI" not in result.stderr
+    assert "images 3/3 1 failed" in result.stderr
+    status = pixelmill("server", "status", env={"PIXELMILL_HOME": str(tmp_path / "home")})
+    assert status.returncode == 1
+    assert f"PREFECT_API_URL points at {prefect_api}, a Prefect server not started by " \
+           "pixelmill" in status.stdout
+
+
+@pytest.mark.slow
+def test_server_start_exports_the_api_url_of_pixelmills_own_server(prefect_api):
+    """`eval "$(pixelmill server start)"` sets PREFECT_API_URL, whatever port the server has;
+    with that URL set, pixelmill knows the server as its own."""
+    from pixelmill import server
+
+    home = Path(os.environ["PIXELMILL_HOME"]) / "server"  # where the session server is recorded
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PIXELMILL_HOME"] = str(home)
+    result = subprocess.run(["bash", "-c", f'eval "$({PIXELMILL} server start --no-ray)"; '
+                             'echo "API=$PREFECT_API_URL"'], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"API={prefect_api}", result.stdout
+    # and in this process, with that URL set, the server is known as pixelmill's own
+    os.environ["PIXELMILL_HOME"], saved = str(home), os.environ["PIXELMILL_HOME"]
+    try:
+        url, own = server.ensure_api()
+    finally:
+        os.environ["PIXELMILL_HOME"] = saved
+    assert url == prefect_api and own is not None and own.url == prefect_api

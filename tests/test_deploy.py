@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +71,20 @@ def worker_env(prefect_api, ray_cluster, gcs_server):
     return env
 
 
+@contextlib.contextmanager
+def port_taken(port: int):
+    """Another program listens on `port` meanwhile (it may already: then that one does)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            pass  # taken already
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # something does listen there
+        yield
+
+
 @pytest.fixture(scope="module")
 def deployed(worker_env, gcs_server):
     from pixelmill.gcs import default_client
@@ -78,11 +94,19 @@ def deployed(worker_env, gcs_server):
         client.create_bucket(name)
     images = upload_demo_photos(client.bucket("in"), "photos/")
     commands = readme_deploy_commands()
-    assert [c.split()[0:3] for c in commands][:2] == [
+    assert commands[0].startswith('eval "$(.venv/bin/pixelmill server start')
+    assert [c.split()[0:3] for c in commands][1:3] == [
         [".venv/bin/python", "-m", "deployments.setup"], [".venv/bin/prefect", "--no-prompt", "deploy"]]
-    outputs = [sh(command, worker_env) for command in commands]
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", outputs[2].stdout)[1]
-    return {"flow_run_id": flow_run_id, "images": images, "client": client}
+    # A fresh shell: no PREFECT_API_URL; pixelmill's server is the session's (started by
+    # pixelmill under this home), so the first line finds it and exports its URL.
+    shell = {key: value for key, value in worker_env.items() if key != "PREFECT_API_URL"}
+    shell["PIXELMILL_HOME"] = str(Path(os.environ["PIXELMILL_HOME"]) / "server")
+    with port_taken(4200):
+        output = sh("set -e\n" + "\n".join(commands) + '\necho "API=$PREFECT_API_URL"', shell)
+    assert f"API={os.environ['PREFECT_API_URL']}" in output.stdout
+    flow_run_id = re.search(r"Created flow run .*?UUID: ([0-9a-f-]{36})", output.stdout, re.S)
+    assert flow_run_id, output.stdout[-3000:]
+    return {"flow_run_id": flow_run_id[1], "images": images, "client": client}
 
 
 def test_readme_deploy_commands_run_the_adhoc_deployment(deployed):
@@ -107,8 +131,10 @@ def test_artifacts_show_progress_summary_and_failures(deployed):
             flow_run_id=ArtifactFilterFlowRunId(any_=[deployed["flow_run_id"]])))
     by_type = {artifact.type: artifact for artifact in artifacts}
     assert float(by_type["progress"].data) == 100.0
+    assert re.fullmatch(r"share of the \d+ chunks done \(\d+ images to make, \d+ kept\)",
+                        by_type["progress"].description), by_type["progress"].description
     summary = by_type["markdown"].data
-    assert f"**{deployed['images']} ok**, **0 failed**" in summary
+    assert f"**{deployed['images']} made**, **0 failed**" in summary
     assert "images/s" in summary and "gallery/index.html" in summary
     assert json.loads(by_type["table"].data) == []  # no failures in this run
 
@@ -125,6 +151,33 @@ def test_nightly_deployment_has_its_cron_schedule(deployed):
     assert nightly.parameters["spec"]["size"] == [100, 100]
     assert nightly.work_pool_name == "pixelmill-process"
     assert re.fullmatch(r"[0-9a-f]{7,}", nightly.version or "")  # the git SHA
+
+
+def test_nightly_schedule_is_paused_when_deployed_without_its_paths(deployed, worker_env):
+    from prefect.client.orchestration import get_client
+
+    def nightly_after_deploy(env: dict[str, str]):
+        sh(".venv/bin/prefect --no-prompt deploy --name nightly-thumbnails", env)
+        with get_client(sync_client=True) as client:
+            return client.read_deployment_by_name("process-images/nightly-thumbnails")
+
+    unset = {key: value for key, value in worker_env.items() if key not in NIGHTLY}
+    paused = nightly_after_deploy(unset)
+    assert [schedule.active for schedule in paused.schedules] == [False]
+    assert paused.parameters["source"] == ""
+    active = nightly_after_deploy(worker_env)  # both set again: the schedule is switched on
+    assert [schedule.active for schedule in active.schedules] == [True]
+    assert active.parameters["source"] == NIGHTLY["PIXELMILL_NIGHTLY_SOURCE"]
+
+
+def test_setup_with_an_api_that_does_not_answer_says_so_in_one_line(worker_env):
+    env = {**worker_env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    result = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "deployments.setup", "pools"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "http://127.0.0.1:9/api (PREFECT_API_URL) does not answer" in lines[0]
 
 
 def test_retry_from_the_ui_redoes_only_the_failed_chunk(deployed, worker_env, gcs_server):

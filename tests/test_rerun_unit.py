@@ -287,3 +287,17 @@ else:
                                stdout=subprocess.PIPE, text=True) for n in range(4)]
     said = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
     assert said == ["held", "refused", "refused", "refused"]
+
+
+def test_a_flow_given_a_file_as_destination_is_refused_in_one_line(tmp_path, prefect_api):
+    """A deployment run gets no CLI checks: the flow refuses it itself, before any retry."""
+    from flows.process_images import make_task_runner, process_images
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.jpg").write_bytes(encode(Image.new("RGB", (8, 8)), "jpeg"))
+    (tmp_path / "out").write_text("not a folder")
+    state = process_images.with_options(task_runner=make_task_runner("threads"))(
+        source=str(tmp_path / "src"), destination=str(tmp_path / "out"), return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith(f"DEST {tmp_path / 'out'} is a file, not a folder")
+    assert (tmp_path / "out").read_text() == "not a folder"
