@@ -260,9 +260,9 @@ def process_images(
     resize_task, filter_task = _persisting(result_storage)
     nodes = _nodes()
     try:
-        check_destination(destination)  # a file, unwritable, no bucket: refused, not retried
         _check_resources({"resize": resize_resources, "filter": filter_resources}, nodes)
         _check_paths(job, nodes, shared_filesystem)
+        check_destination(destination)  # a file, unwritable, no bucket: refused, not retried
         job, lock = _lock_run_folder(job, named=bool(run_name))
     except UsageError as exc:  # a refusal, not a crash: one line in the state, no traceback
         return Failed(message=str(exc), data=exc)

@@ -75,6 +75,8 @@ def worker_env(prefect_api, ray_cluster, gcs_server):
 def port_taken(port: int):
     """Another program listens on `port` meanwhile (it may already: then that one does)."""
     with socket.socket() as sock:
+        # a server stopped earlier in the session leaves the port in TIME_WAIT: bind anyway
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             sock.listen()

@@ -138,8 +138,9 @@ def test_forbidden_bucket_fails_fast_naming_it(gcs, prefect_api):
     assert gcs.injected["403"] == 1  # one request: neither the client nor Prefect retried it
     assert time.monotonic() - started < 60
     message = str(state.result(raise_on_failure=False))
-    assert f"gs://{dst.name}: permission denied (403)" in message
-    assert "storage.objects.create" in message
+    # refused before any work: the destination is listed once, up front
+    assert f"DEST gs://{dst.name}/out: gs://{dst.name}: permission denied (403)" in message
+    assert "storage.objects.list" in message
 
 
 def test_cli_refuses_a_forbidden_source_with_one_line(gcs, tmp_path, prefect_api):
