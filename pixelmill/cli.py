@@ -471,6 +471,36 @@ def check(
     _guard(command)
 
 
+@app.command()
+def gallery(
+    run: Annotated[str, typer.Argument(help="a run folder, DEST/RUN: local or gs://")],
+    port: Annotated[Optional[int], typer.Option("--port", help="default: any free port")] = None,
+) -> None:
+    """Serve a run's gallery on 127.0.0.1 and print its address (Ctrl-C stops it)."""
+    import signal
+
+    from pixelmill.serve import make_server, open_run
+
+    def command() -> int:
+        storage, page = open_run(run)
+        try:
+            httpd = make_server(storage, port or 0)
+        except OSError as exc:
+            raise UsageError(f"--port {port}: {exc.strerror or exc}") from None
+        out.print(f"gallery of {run}: http://127.0.0.1:{httpd.server_address[1]}/{page} "
+                  "(Ctrl-C stops it)", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop it cleanly too
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            httpd.server_close()
+        return EXIT_OK
+    _guard(command)
+
+
 @app.command("gcs-emulator")
 def gcs_emulator(
     bucket: Annotated[Optional[list[str]], typer.Option("--bucket", help="create it (repeatable)")] = None,

@@ -25,6 +25,21 @@ def object_url(destination: str, key: str) -> str:
     return f"https://storage.cloud.google.com/{bucket}/{quote(name)}"
 
 
+def _gallery_lines(report: RunReport, gallery_key: str) -> list[str]:
+    """How to open the gallery from the UI. A browser does not follow a file:// link from a
+    web page, and a bucket's objects need credentials: `pixelmill gallery` serves either on
+    127.0.0.1. Google's own console URL works too for a real bucket, signed in."""
+    run_folder = f"{report.destination.rstrip('/')}/{report.run}"
+    lines = [f"Open the gallery: run `pixelmill gallery {run_folder}` and open the address "
+             "it prints."]
+    if is_gcs(report.destination) and not emulator_host():
+        lines.append(f"Or, signed in to Google: [the gallery in the bucket]"
+                     f"({object_url(report.destination, gallery_key)})")
+    elif not is_gcs(report.destination):
+        lines.append(f"On the machine that ran it: `{Path(report.destination).absolute() / gallery_key}`")
+    return lines
+
+
 def markdown(report: RunReport, gallery_key: str) -> str:
     counts = report.counts
     rate = counts.ok / report.duration_s if report.duration_s else 0.0
@@ -43,7 +58,7 @@ def markdown(report: RunReport, gallery_key: str) -> str:
         f"- chunks: {len(report.chunks)} "
         f"({sum(c.state != 'Completed' for c in report.chunks)} failed)",
         "",
-        f"[Open the gallery]({object_url(report.destination, gallery_key)})",
+        *_gallery_lines(report, gallery_key),
     ]
     return "\n".join(lines)
 

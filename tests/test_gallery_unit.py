@@ -221,3 +221,6 @@ def test_the_ui_summary_counts_made_kept_and_failed(report):
 
     text = summary.markdown(report, f"{RUN}/gallery/index.html")
     assert "**2 made**, **1 failed**, 1 kept from an earlier run, of 4 discovered" in text
+    # a file:// link does not open from the UI: the command that serves the gallery does
+    assert f"`pixelmill gallery {report.destination}/{RUN}`" in text
+    assert "file://" not in text
