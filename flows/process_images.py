@@ -32,7 +32,7 @@ from pixelmill.preflight import check_destination
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from pixelmill.storage import is_gcs
-from flows.ray_runner import ArgumentsRayTaskRunner
+from flows.ray_runner import KEPT_OR_TEMPORARY, ArgumentsRayTaskRunner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
 from tasks.images import EachTaskRun
 from tasks.storage import destination_storage
@@ -46,11 +46,10 @@ def make_task_runner(runner: str = "ray", ray_address: str | None = None,
     workers would otherwise see the environment of the command that started it)."""
     if check_runner(runner) == "ray":
         init_kwargs = {"log_to_driver": False, "logging_level": logging.WARNING}
-        # No address: a temporary local Ray for this flow run, never whatever cluster
-        # `ray start` left on the machine (Ray's own default would attach to that one).
-        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        if address == "local":
-            init_kwargs["include_dashboard"] = False
+        # No address (a deployment run, `python -m flows.process_images`): pixelmill's kept
+        # local Ray if it is up when the flow starts, else a temporary one for this flow run
+        # (ArgumentsRayTaskRunner decides then, not at import).
+        address = ray_address or os.environ.get("RAY_ADDRESS") or KEPT_OR_TEMPORARY
         if job_env:
             init_kwargs["runtime_env"] = {"env_vars": dict(job_env)}
         return ArgumentsRayTaskRunner(address=address, init_kwargs=init_kwargs)
@@ -344,9 +343,11 @@ if __name__ == "__main__":
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     api_url, _ = ensure_api()  # Prefect read its settings at import: point it at the server
-    source = Path(sys.argv[1] if len(sys.argv) > 1 else "pixelmill-demo/samples")
+    # absolute: Ray's workers do not run in this shell's folder
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "pixelmill-demo/samples").absolute()
+    dest = Path(sys.argv[2] if len(sys.argv) > 2 else "pixelmill-demo/runs").absolute()
     if len(sys.argv) <= 1 and not source.is_dir():
         write_demo_set(source)
     with temporary_settings({PREFECT_API_URL: api_url}):
-        process_images(str(source), sys.argv[2] if len(sys.argv) > 2 else "pixelmill-demo/runs",
+        process_images(str(source), str(dest),
                        spec=PipelineSpec(filters=("blur", "sharpen", "contour", "emboss")))

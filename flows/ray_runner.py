@@ -76,6 +76,14 @@ def _warm_workers() -> None:
         warm.remote()
 
 
+# The address meaning "pixelmill's kept local Ray if it is running, else a temporary local Ray
+# for this flow run": never whatever cluster another program's `ray start` left on the machine,
+# which Ray's own default (no address) would attach to.
+KEPT_OR_TEMPORARY = "pixelmill-local"
+# prefect-ray says this when given the address "local", which starts a new Ray.
+_MISLEADING = "Connecting to an existing Ray instance at local"
+
+
 class ArgumentsRayTaskRunner(RayTaskRunner):
     """A RayTaskRunner whose tasks never call `ray.get` for their upstream results."""
 
@@ -83,6 +91,28 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
         super().__init__(*args, **kwargs)
         self._remotes: dict[tuple[str, str], Any] = {}
         self._settings: tuple[SettingsContext | None, dict[str, Any]] | None = None
+        self.logger.addFilter(lambda record: record.getMessage() != _MISLEADING)
+
+    def _choose_ray(self) -> None:
+        """Resolve KEPT_OR_TEMPORARY now that the flow starts, and say which Ray it is."""
+        import ray
+
+        if self.address != KEPT_OR_TEMPORARY or ray.is_initialized():
+            return  # an address given, or this process is connected already
+        from pixelmill import localray
+
+        kept = localray.join_running()
+        if kept is not None:
+            self.address = kept.address
+            self.init_kwargs = {"runtime_env": {"env_vars": localray.job_env()},
+                                **self.init_kwargs}
+            self.logger.info("Using pixelmill's local Ray at %s (kept between runs)",
+                             kept.address)
+        else:
+            self.address = "local"
+            self.init_kwargs = {**self.init_kwargs, "include_dashboard": False}
+            self.logger.info("Starting a temporary local Ray for this flow run (pixelmill's "
+                             "local Ray is not running; `pixelmill server start` keeps one)")
 
     def connect(self) -> None:
         """Connect to Ray (or start it) and warm its workers now, before the flow starts;
@@ -90,6 +120,7 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
         with `ray.shutdown()`."""
         import ray
 
+        self._choose_ray()
         if not ray.is_initialized():
             address = (self.address,) if self.address and self.address != "auto" else ()
             ray.init(*address, **self.init_kwargs)
@@ -146,6 +177,7 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
     def __enter__(self):
         import ray
 
+        self._choose_ray()
         fresh = not ray.is_initialized()
         super().__enter__()
         if fresh:

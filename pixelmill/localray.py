@@ -240,6 +240,16 @@ def ensure(base: Path | None = None) -> tuple[RayInfo, bool]:
     return info, started
 
 
+def join_running(base: Path | None = None) -> RayInfo | None:
+    """pixelmill's local Ray if it is up and runs this Python's code, with this process set
+    up to connect to it; None otherwise (nothing is started)."""
+    info = running(base)
+    if info is None or info.python != sys.executable or not info.token or not info.temp_dir:
+        return None
+    _use(info)
+    return info
+
+
 def _token(base: Path) -> Path:
     """pixelmill's token file (256 random bits, readable by this user only), written the
     first time."""

@@ -72,6 +72,18 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
         assert probe.returncode == 0, probe.stderr[-2000:]
         assert probe.stdout.split()[-2:] == ["False", "from-this-command"]
 
+        # a run with no Ray address that is not the CLI's (a deployment's flow run, the
+        # module's __main__) uses the kept Ray too, and says so
+        module = subprocess.run([sys.executable, "-m", "flows.process_images", "src", "dst3"],
+                                env={**env, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO"},
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        said = module.stdout + module.stderr
+        assert module.returncode == 0, said[-3000:]
+        assert f"Using pixelmill's local Ray at {info['address']}" in said, said[-3000:]
+        assert "Connecting to an existing Ray instance at local" not in said
+        assert json.loads((tmp_path / "dst3" / next(iter(os.listdir(tmp_path / "dst3")))
+                           / "report.json").read_text())["counts"]["ok"] == 4
+
         status = subprocess.run([PIXELMILL, "server", "status"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert f"ray: pid {info['pid']}, address {info['address']}" in status.stdout

@@ -7,6 +7,7 @@ from uuid import uuid4
 import pytest
 
 from flows.process_images import make_task_runner
+from flows.ray_runner import KEPT_OR_TEMPORARY
 from flows.ray_runner import ArgumentsRayTaskRunner, _with_validated_settings
 
 pytestmark = pytest.mark.slow
@@ -65,10 +66,17 @@ def test_settings_are_validated_once_per_distinct_serialization(prefect_api):
     assert _with_validated_settings({"flow_run_context": {}}) == {"flow_run_context": {}}
 
 
-def test_without_an_address_the_runner_starts_its_own_ray_not_a_machine_wide_one(monkeypatch):
+def test_without_an_address_the_runner_starts_its_own_ray_not_a_machine_wide_one(monkeypatch,
+                                                                                 tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("PIXELMILL_HOME", str(tmp_path))  # no kept local Ray there
     runner = make_task_runner("ray")
-    assert runner.address == "local" and runner.init_kwargs["include_dashboard"] is False
+    assert runner.address == KEPT_OR_TEMPORARY  # decided when the flow starts, not at import
+    import ray
+
+    if not ray.is_initialized():  # what the flow's start decides, without starting a Ray
+        runner._choose_ray()
+        assert runner.address == "local" and runner.init_kwargs["include_dashboard"] is False
     given = make_task_runner("ray", "127.0.0.1:6390", {"PIXELMILL_X": "1"})
     assert given.address == "127.0.0.1:6390" and "include_dashboard" not in given.init_kwargs
     assert given.init_kwargs["runtime_env"] == {"env_vars": {"PIXELMILL_X": "1"}}
