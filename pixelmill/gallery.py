@@ -100,21 +100,37 @@ def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
                         max(1, min(len(sheets), os.cpu_count() or 1)))
 
 
-def _figure(image: ImageResult) -> str:
+def _figure(image: ImageResult, number: int) -> str:
     resized = image.outputs["resized"]
     links = " ".join(
         f'<a href="{_href(path)}">{_text(folder)}</a>'
         for folder, path in image.outputs.items() if folder != "resized"
     )
+    if len(image.outputs) > 1:
+        links += f' <a class="compare-link" href="#c{number}">side by side</a>'
     notes = "".join(f'<p class="note">{_text(note)}</p>' for note in image.notes)
     kept = ('<span class="kept" title="made by an earlier run, verified present">kept</span>'
             if image.status == "skipped" else "")
     return (
-        f'<figure class="{_text(image.status)}"><a href="{_href(resized)}"><img src="{_href(resized)}" alt="{_text(image.source)}"'
+        f'<figure id="f{number}" class="{_text(image.status)}"><a href="{_href(resized)}">'
+        f'<img src="{_href(resized)}" alt="{_text(image.source)}"'
         f' width="{image.width}" height="{image.height}" loading="lazy" decoding="async"></a>'
         f"<figcaption><span class=\"name\">{_text(image.source)}</span>"
         f'<span class="links">{links}{kept}</span>{notes}</figcaption></figure>'
     )
+
+
+def _compare(image: ImageResult, number: int) -> str:
+    """The resized image and each filter's output side by side, shown when the page's URL
+    ends in #cN (CSS :target: no script). Panels are CSS backgrounds, loaded only when
+    shown, so a page of thousands of images does not load them all."""
+    panels = "".join(
+        f'<a class="panel" href="{_href(path)}" style="background-image:url(&quot;'
+        f'{_href(path)}&quot;)"><span>{_text(folder)}</span></a>'
+        for folder, path in image.outputs.items())
+    return (f'<section id="c{number}" class="compare"><p><a href="#f{number}">back to the '
+            f'gallery</a> · {_text(image.source)}</p><div class="panels">{panels}</div>'
+            "</section>")
 
 
 _STYLE = """
@@ -129,6 +145,11 @@ figcaption{margin-top:6px;word-break:break-all}.links a{margin-right:8px;font-si
 .name{display:block}.note{color:#fc6;font-size:12px;margin:4px 0 0}
 table{border-collapse:collapse;width:100%}td,th{border:1px solid #333;padding:4px 8px;text-align:left}
 .failed{color:#f88}.kept{color:#9c9;font-size:12px}
+.compare{display:none;position:fixed;inset:0;overflow:auto;padding:16px 24px;background:#111}
+.compare:target{display:block}
+.panels{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:12px}
+.panel{display:block;height:70vh;background:#000 center/contain no-repeat;position:relative}
+.panel span{position:absolute;left:8px;top:6px;background:#000a;padding:2px 6px}
 """
 
 
@@ -162,7 +183,8 @@ def render_index(report: RunReport, sheets: list[str]) -> str:
 <div>contact sheets: {sheet_links or "none"} ·
  <a href="../{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">report.json</a></div>
 </header><main>{failures}
-<h2>Images ({len(shown)})</h2><div class="grid">{"".join(_figure(image) for image in shown)}</div>
+<h2>Images ({len(shown)})</h2><div class="grid">{"".join(_figure(image, number) for number, image in enumerate(shown))}</div>
+{"".join(_compare(image, number) for number, image in enumerate(shown) if len(image.outputs) > 1)}
 </main></body></html>
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from urllib.parse import unquote, urlsplit
 
@@ -23,16 +24,24 @@ KEPT, GREEN = "zz/kept.jpg", (20, 200, 20)
 
 
 class _Links(HTMLParser):
-    """Every href / src in a page."""
+    """Every href / src / CSS url() in a page (in-page #anchors apart), and the ids."""
 
     def __init__(self) -> None:
         super().__init__()
         self.links: list[str] = []
+        self.anchors: list[str] = []
+        self.ids: set[str] = set()
         self.tags: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
-        self.links += [value for name, value in attrs if name in ("href", "src") and value]
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                (self.anchors if value.startswith("#") else self.links).append(value)
+            elif name == "style" and value:
+                self.links += re.findall(r'url\("([^"]*)"\)', value)
+            elif name == "id" and value:
+                self.ids.add(value)
 
 
 def _links(page: str) -> _Links:
@@ -76,7 +85,7 @@ def test_render_index_escapes_hostile_names(report):
     # Only the tags we write: the hostile name did not add an element.
     assert set(_links(page).tags) <= {"html", "head", "meta", "title", "style", "body", "header",
                                       "h1", "div", "span", "a", "main", "h2", "table", "tr",
-                                      "th", "td", "figure", "img", "figcaption", "p"}
+                                      "th", "td", "figure", "img", "figcaption", "p", "section"}
     assert _links(page).tags.count("img") == 3
 
 
@@ -224,3 +233,19 @@ def test_the_ui_summary_counts_made_kept_and_failed(report):
     # a file:// link does not open from the UI: the command that serves the gallery does
     assert f"`pixelmill gallery {report.destination}/{RUN}`" in text
     assert "file://" not in text
+
+
+def test_each_image_with_filters_has_a_side_by_side_view_without_script(report, dest):
+    build_gallery(report, dest)
+    page = dest.read(f"{RUN}/gallery/index.html").decode("utf-8")
+    found = _links(page)
+    assert found.anchors and all(anchor[1:] in found.ids for anchor in found.anchors)
+    # the two images with a blur output get a view; the kept one (resized only) does not
+    views = re.findall(r'<section id="(c\d+)" class="compare">(.*?)</section>', page)
+    assert len(views) == 2
+    for _, view in views:
+        panels = re.findall(r'url\(&quot;\.\./([^&]+)&quot;\)"><span>([^<]+)</span>', view)
+        assert [folder for _, folder in panels] == ["resized", "blur"]
+        for path, _ in panels:
+            assert (dest.root / RUN / unquote(path)).is_file()
+    assert "<script" not in page and ".compare:target{display:block}" in page
