@@ -58,7 +58,7 @@ def ceiling_one(args: tuple[str, str]) -> None:
 
 
 def predecessor_one(source: str, out: str) -> None:
-    """The predecessors' way (Lattice's sequential row): full decode, LANCZOS, filter, save."""
+    """The predecessors' way (the sequential baseline): full decode, LANCZOS, filter, save."""
     from PIL import Image, ImageFilter
 
     with Image.open(source) as image:

@@ -210,7 +210,7 @@ def _lock_run_folder(job: Job, named: bool) -> tuple[Job, RunLock]:
 
 
 def _artifact_key(kind: str, job: Job) -> str:
-    """Artifact keys: lowercase letters, digits and dashes (PLATFORM.md)."""
+    """Artifact keys: lowercase letters, digits and dashes (Prefect refuses others)."""
     shard = f"-shard-{job.shard_index}-of-{job.shard_count}" if job.sharded else ""
     return re.sub(r"[^a-z0-9-]+", "-", f"pixelmill-{kind}{shard}".lower())
 

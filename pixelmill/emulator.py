@@ -1,6 +1,6 @@
 """A real GCS server for tests and local trials: fake-gcs-server from its PyPI wheel.
 
-Started on a free loopback port with `-scheme http -backend memory` (PLATFORM.md: https is the
+Started on a free loopback port with `-scheme http -backend memory` (https is the
 default and the filesystem backend rewrites names with '..'). Objects vanish when it stops.
 """
 

@@ -69,7 +69,7 @@ def anonymous_adc_for_emulator() -> None:
     """Emulator only: make Application Default Credentials anonymous.
 
     prefect-gcp's GcpCredentials() calls google.auth.default() when built and fails without
-    credentials even when STORAGE_EMULATOR_HOST is set (PLATFORM.md), so a GcsBucket block
+    credentials even when STORAGE_EMULATOR_HOST is set, so a GcsBucket block
     could not be used against the emulator. Does nothing unless that variable is set.
     """
     if not emulator_host():

@@ -19,7 +19,7 @@ IMAGE_EXTENSIONS = {
     ".bmp", ".heic", ".heif",
 }
 # A flow run must stay within a few hundred task runs (two per chunk): the server's event
-# queue dropped events for flows with thousands of task runs (PLATFORM.md).
+# queue dropped events for flows with thousands of task runs (Prefect 3.8, 10,000 messages).
 MAX_CHUNKS = 150
 # Images per chunk from measured costs (bench/speed.py, 6 MP JPEGs on 2 cores): a chunk is
 # two task runs (resize ~16 ms and filter ~7.5 ms per image) and each task run costs Prefect

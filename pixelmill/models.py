@@ -130,7 +130,7 @@ class Counts(BaseModel):
 
 
 class RunReport(BaseModel):
-    """report.json (see DESIGN.md): other tools read it, so keys only ever get added."""
+    """report.json (the README documents it): other tools read it, so keys only ever get added."""
 
     job: Job = Field(exclude=True)
     run: str

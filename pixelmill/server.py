@@ -3,7 +3,7 @@
 It runs `prefect server start` (SQLite under a pixelmill-owned PREFECT_HOME) as a detached
 process that outlives the command, so the UI stays up to look at runs and the next command
 starts faster. `pixelmill server stop` ends it. Ray workers inherit PREFECT_API_URL and
-report to it instead of each starting a temporary server (PLATFORM.md).
+report to it instead of each starting a temporary server of its own.
 
 It listens on 127.0.0.1 only. Commands that start it at the same time take turns under a lock
 in PIXELMILL_HOME: one starts it, the others use it. A server that died comes back on the port

@@ -11,7 +11,7 @@ from pixelmill.errors import UsageError
 
 Fit = Literal["contain", "cover", "fill"]
 OutputFormat = Literal["jpeg", "png", "webp", "avif"]
-# Task runners: Ray (the default), a thread pool, or one thread (Lattice's "sequential" row).
+# Task runners: Ray (the default), a thread pool, or one thread (a baseline to compare with).
 RUNNERS = ("ray", "threads", "sequential")
 
 # Largest output side we accept; beyond this a "thumbnail pipeline" is a mistake, and a
@@ -92,7 +92,7 @@ class PipelineSpec(Frozen):
 
 
 class StageResources(Frozen):
-    """What one chunk task of a stage asks Ray for (Lattice's cpu / gpu / cpu_mem)."""
+    """What one chunk task of a stage asks Ray for: CPUs, GPUs, memory."""
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
