@@ -45,6 +45,13 @@ def check_run_name(name: str) -> str:
     return name
 
 
+def is_image_candidate(name: str, content_type: str | None = None) -> bool:
+    """An object worth decoding by its listing alone: an image extension or an image/* type
+    (its bytes are checked where it is decoded)."""
+    return (posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            or (content_type or "").startswith("image/"))
+
+
 def natural_output(relpath: str, extension: str) -> str:
     """'trips/a.PNG' -> 'trips/a.jpg' for JPEG output; unknown extensions are kept."""
     stem, ext = posixpath.splitext(relpath)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 
 from pixelmill import provenance
 from pixelmill.errors import ImageError
@@ -13,7 +12,8 @@ from pixelmill.imageops import (
     SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
 )
 from pixelmill.layout import (
-    IMAGE_EXTENSIONS, MAX_CHUNKS, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard, make_chunks,
+    MAX_CHUNKS, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
+    is_image_candidate, make_chunks,
 )
 from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
 from pixelmill.overlap import Writer, prefetched, threaded_map
@@ -23,11 +23,6 @@ log = logging.getLogger("pixelmill")
 # Concurrent first-bytes reads at discovery: on GCS each is a round trip (~ms), so a listing
 # of thousands is sniffed in seconds; locally it costs nothing.
 SNIFF_THREADS = 16
-
-
-def _looks_like_image_name(info: ObjectInfo) -> bool:
-    ext = posixpath.splitext(info.key)[1].lower()
-    return ext in IMAGE_EXTENSIONS or (info.content_type or "").startswith("image/")
 
 
 def _inside(child: str, parent: str) -> str | None:
@@ -76,8 +71,10 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
               and not (info.key.endswith("/") and info.size == 0)]  # "folder" placeholders
     # An image candidate by its name or content type, as listed; its bytes are checked where
     # they are decoded anyway. Only objects with neither are sniffed (a JPEG with no extension).
-    named = [info for info in listed if _looks_like_image_name(info)]
-    unnamed = [info for info in listed if not _looks_like_image_name(info)]
+    named: list[ObjectInfo] = []
+    unnamed: list[ObjectInfo] = []
+    for info in listed:
+        (named if is_image_candidate(info.key, info.content_type) else unnamed).append(info)
     heads = threaded_map(lambda info: source.read_head(info.key, SNIFF_BYTES) if info.size else b"",
                          unnamed, SNIFF_THREADS)
     accepted: list[tuple[ObjectInfo, str | None]] = [(info, None) for info in named

@@ -8,12 +8,11 @@ the source is listed only until its first image candidate, the destination once,
 from __future__ import annotations
 
 import os
-import posixpath
 from pathlib import Path
 
 from pixelmill.errors import UsageError
 from pixelmill.imageops import SNIFF_BYTES, sniff
-from pixelmill.layout import IMAGE_EXTENSIONS
+from pixelmill.layout import is_image_candidate
 from pixelmill.storage import META_DIR, TEMP_PREFIX, is_gcs, open_storage
 
 # Objects with neither an image name nor an image content type are sniffed by their first
@@ -21,11 +20,6 @@ from pixelmill.storage import META_DIR, TEMP_PREFIX, is_gcs, open_storage
 # so a bucket of many extension-less files costs the check a bounded number of reads.
 MAX_SNIFFED = 100
 FORMATS = "JPEG, PNG, GIF, WebP, AVIF, TIFF, BMP"
-
-
-def _image_name(name: str, content_type: str | None = None) -> bool:
-    return (posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-            or (content_type or "").startswith("image/"))
 
 
 def _local_has_image(root: Path, skip: Path | None) -> bool:
@@ -46,7 +40,7 @@ def _local_has_image(root: Path, skip: Path | None) -> bool:
                     continue
                 if entry.name.startswith(TEMP_PREFIX) or not entry.is_file():
                     continue
-                if _image_name(entry.name):
+                if is_image_candidate(entry.name):
                     return True
                 if sniffed >= MAX_SNIFFED:
                     return True
@@ -67,7 +61,7 @@ def _gcs_has_image(source: str) -> bool:
     for info in storage.list():
         if info.key.endswith("/") and info.size == 0:
             continue  # a "folder" placeholder
-        if _image_name(info.key, info.content_type):
+        if is_image_candidate(info.key, info.content_type):
             return True
         if sniffed >= MAX_SNIFFED:
             return True

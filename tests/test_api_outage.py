@@ -14,19 +14,15 @@ from pathlib import Path
 import pytest
 
 from pixelmill import server
-from pixelmill.samples import jpeg_bytes, photo
 from tests.test_cli import PIXELMILL
+from tests.test_crashes import make_photos
 
 pytestmark = pytest.mark.slow
 IMAGES = 40
 
 
 def photos(folder: Path) -> Path:
-    for number in range(IMAGES):
-        path = folder / f"set{number % 2}" / f"{number:03d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg_bytes(photo(1200, 800, seed=number)))
-    return folder
+    return make_photos(folder, IMAGES, (1200, 800))
 
 
 def start_run(source: Path, dest: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pixelmill.samples import jpeg_bytes, photo
 from tests.test_cli import PIXELMILL
+from tests.test_crashes import make_photos as make_crash_photos
 
 pytestmark = pytest.mark.slow
 IMAGES = 30
@@ -22,11 +22,7 @@ FILTERS = ("--filter", "blur", "--filter", "gaussian-blur:8")
 
 
 def make_photos(folder: Path) -> Path:
-    for number in range(IMAGES):
-        path = folder / f"set{number % 3}" / f"img-{number:03d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg_bytes(photo(1200, 800, seed=number)))
-    return folder
+    return make_crash_photos(folder, IMAGES, (1200, 800))
 
 
 def start(*args: str) -> subprocess.Popen:
