@@ -194,6 +194,8 @@ def main() -> None:
         "pm-ray": ("pixelmill --runner ray", lambda out: run_pixelmill(corpus, out, "ray")),
         "pm-ray-temp": ("pixelmill ray, temporary Ray",
                         lambda out: run_pixelmill(corpus, out, "ray", "--ray-address", "local")),
+        "pm-threads": ("pixelmill --runner threads",
+                       lambda out: run_pixelmill(corpus, out, "threads")),
         "pm-seq": ("pixelmill --runner sequential",
                    lambda out: run_pixelmill(corpus, out, "sequential")),
     }

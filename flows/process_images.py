@@ -8,6 +8,7 @@ import queue
 import re
 import time
 from datetime import datetime, timezone
+from typing import Callable
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
@@ -20,31 +21,41 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.utilities.annotations import quote
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from pixelmill import progress, summary
 from pixelmill.errors import UsageError
 from pixelmill.layout import check_run_name, check_shard, run_stamp
-from pixelmill.models import ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunReport
+from pixelmill.models import (
+    ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunnerChoice, RunReport,
+)
 from pixelmill.preflight import check_destination
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from pixelmill.storage import is_gcs
+from flows.runners import AutoTaskRunner, LineageProcessPoolTaskRunner, runner_name
 from flows.ray_runner import KEPT_OR_TEMPORARY, ArgumentsRayTaskRunner
 from tasks import build_gallery, discover, filter_chunk, resize_chunk
 from tasks.images import EachTaskRun
 from tasks.storage import destination_storage
 
 def make_task_runner(runner: str = "ray", ray_address: str | None = None,
-                     job_env: dict[str, str] | None = None):
+                     job_env: dict[str, str] | None = None,
+                     ray_runner: Callable[[], TaskRunner] | None = None) -> TaskRunner:
     """The task runner for `--runner`: Ray (`ray_address`, RAY_ADDRESS or a temporary local
-    one), threads, or one thread.
+    one), threads, Prefect's process pool, one thread, or `auto` (threads or Ray, chosen by
+    the flow once it knows how many images it has to make; `ray_runner` builds the Ray one).
 
     `job_env` is given to the Ray job's workers (for pixelmill's long-lived local Ray, whose
     workers would otherwise see the environment of the command that started it)."""
-    if check_runner(runner) == "ray":
+    runner = check_runner(runner)
+    cpus = os.cpu_count() or 1
+    if runner == "auto":
+        return AutoTaskRunner(ray_runner or (lambda: make_task_runner("ray", ray_address,
+                                                                      job_env)), threads=cpus)
+    if runner == "ray":
         init_kwargs = {"log_to_driver": False, "logging_level": logging.WARNING}
         # No address (a deployment run, `python -m flows.process_images`): pixelmill's kept
         # local Ray if it is up when the flow starts, else a temporary one for this flow run
@@ -53,12 +64,30 @@ def make_task_runner(runner: str = "ray", ray_address: str | None = None,
         if job_env:
             init_kwargs["runtime_env"] = {"env_vars": dict(job_env)}
         return ArgumentsRayTaskRunner(address=address, init_kwargs=init_kwargs)
-    return ThreadPoolTaskRunner(max_workers=(os.cpu_count() or 1) if runner == "threads" else 1)
+    if runner == "processes":
+        return LineageProcessPoolTaskRunner(max_workers=cpus)
+    return ThreadPoolTaskRunner(max_workers=cpus if runner == "threads" else 1)
+
+
+def _task_runner() -> TaskRunner | None:
+    context = FlowRunContext.get()
+    return context.task_runner if context is not None else None
 
 
 def _on_ray() -> bool:
-    context = FlowRunContext.get()
-    return context is not None and isinstance(context.task_runner, RayTaskRunner)
+    return runner_name(_task_runner()) == "ray"
+
+
+def _choose_runner(images: int | None, stages: dict[str, StageResources]) -> RunnerChoice:
+    """Settle `--runner auto`: Ray at once when a stage asks for GPUs, otherwise by the
+    number of `images` to make once it is known (None: not yet). Says which runner runs."""
+    runner = _task_runner()
+    if not isinstance(runner, AutoTaskRunner):
+        return RunnerChoice(name=runner_name(runner))
+    gpu = next((stage for stage, wants in stages.items() if wants.num_gpus), None)
+    if gpu or images is not None:
+        runner.choose(images or 0, f"the {gpu} stage asks for GPUs" if gpu else None)
+    return RunnerChoice(name=runner_name(runner), reason=f"auto: {runner.reason}")
 
 
 def _nodes() -> list[dict[str, float]]:
@@ -257,9 +286,11 @@ def process_images(
               gcp_credentials_block=gcp_credentials_block, shard_index=shard_index,
               shard_count=shard_count)
     resize_task, filter_task = _persisting(result_storage)
+    stages = {"resize": resize_resources, "filter": filter_resources}
+    _choose_runner(None, stages)  # Ray now if a stage needs GPUs: its nodes are checked
     nodes = _nodes()
     try:
-        _check_resources({"resize": resize_resources, "filter": filter_resources}, nodes)
+        _check_resources(stages, nodes)
         _check_paths(job, nodes, shared_filesystem)
         check_destination(destination)  # a file, unwritable, no bucket: refused, not retried
         job, lock = _lock_run_folder(job, named=bool(run_name))
@@ -279,6 +310,7 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
     cpus = int(sum(node.get("CPU", 0.0) for node in nodes)) or 1
     plan: Plan = discover(job, chunk_size, cpus)
     images = sum(len(chunk.items) for chunk in plan.chunks)
+    runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
     progress.planned(len(plan.chunks), images, len(plan.rejected), len(plan.kept))
     progress_artifact = create_progress_artifact(
         0.0, key=_artifact_key("progress", job),
@@ -311,7 +343,8 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
         update_progress_artifact(progress_artifact, 100.0 * len(summaries) / len(plan.chunks))
 
     report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
-                             sorted(summaries, key=lambda chunk: chunk.index), started_at)
+                             sorted(summaries, key=lambda chunk: chunk.index), started_at,
+                             runner)
     # quote: the report holds a record per image, which Prefect would otherwise walk looking
     # for upstream futures (seconds at 20,000 images)
     index = build_gallery(job, quote(report))

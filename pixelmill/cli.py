@@ -188,6 +188,10 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     source, dest = (uri if not uri or "://" in uri else str(Path(uri).absolute())
                     for uri in (source, dest))
     info = _prepare_prefect(verbose)
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    why = f"--runner {runner}"
+    if runner == "auto" and ray_address:
+        runner, why = "ray", "auto: a Ray address was given"
     job_env = None
     if runner == "ray" and not ray_address:
         ray_address, job_env = _local_ray()
@@ -196,7 +200,9 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     from flows.ray_runner import ArgumentsRayTaskRunner
     from pixelmill import progress
 
-    task_runner = make_task_runner(runner, ray_address, job_env)
+    # auto: Ray (pixelmill's kept local one) is connected only if the flow chooses it
+    task_runner = make_task_runner(runner, ray_address, job_env,
+                                   ray_runner=lambda: make_task_runner("ray", *_local_ray()))
     connected = isinstance(task_runner, ArgumentsRayTaskRunner)
     if connected:
         task_runner.connect()  # Ray's workers warm up while the flow run is set up
@@ -237,7 +243,7 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     if not isinstance(result, RunReport):
         console.print(f"[red]run failed:[/red] {state.message or result}")
         return EXIT_RUN_FAILED, None
-    _summary(result, elapsed)
+    _summary(result, elapsed, why)
     if not result.counts.discovered:  # only a shard, or a source emptied since the check
         console.print(f"no images found under {source}", highlight=False)
     return (EXIT_IMAGES_FAILED if result.counts.failed else EXIT_OK), result
@@ -294,13 +300,16 @@ def _quiet_when_the_api_goes(verbose: bool):
             handler.setFormatter(formatter)
 
 
-def _summary(report: RunReport, elapsed: float) -> None:
+def _summary(report: RunReport, elapsed: float, why: str = "") -> None:
     counts = report.counts
     rate = counts.ok / report.duration_s if report.duration_s else 0.0
     gallery = (report.destination.rstrip("/") + f"/{report.run}/gallery/index.html")
     out.print(f"processed {counts.ok} ok, {counts.failed} failed, {counts.skipped} kept "
               f"of {counts.discovered} in {report.duration_s:.1f} s ({rate:.1f} images/s; "
               f"{elapsed:.1f} s with start-up)")
+    if report.runner:
+        out.print(f"runner: {report.runner.name} ({report.runner.reason or why})",
+                  highlight=False)
     for image in report.failures[:10]:
         out.print(f"  [red]failed[/red] {image.source}: {image.error}", markup=True,
                   highlight=False)
@@ -341,7 +350,9 @@ def run(
     quality: Annotated[int, typer.Option("--quality")] = 85,
     upscale: Annotated[bool, typer.Option("--upscale", help="enlarge small images")] = False,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size")] = None,
-    runner: Annotated[str, typer.Option("--runner", help="ray | threads | sequential")] = "ray",
+    runner: Annotated[str, typer.Option(
+        "--runner", help="auto (threads or Ray, whichever is faster for the batch on one "
+        "machine; Ray with a cluster address) | ray | threads | processes | sequential")] = "auto",
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", envvar="RAY_ADDRESS",
         help="a Ray cluster; default: pixelmill's local one, kept running between runs; "

@@ -129,6 +129,13 @@ class Counts(BaseModel):
     skipped: int = 0
 
 
+class RunnerChoice(BaseModel):
+    """Which task runner ran a flow's chunks, and why (`--runner auto` says why it chose)."""
+
+    name: str
+    reason: str = ""
+
+
 class RunReport(BaseModel):
     """report.json (the README documents it): other tools read it, so keys only ever get added."""
 
@@ -142,6 +149,7 @@ class RunReport(BaseModel):
     duration_s: float
     chunks: list[ChunkSummary] = Field(default_factory=list)
     started_at: str | None = None  # UTC ISO time the flow started (duration_s counts from it)
+    runner: RunnerChoice | None = None
 
     @classmethod
     def build(
@@ -152,6 +160,7 @@ class RunReport(BaseModel):
         duration_s: float,
         chunks: list[ChunkSummary] | None = None,
         started_at: str | None = None,
+        runner: RunnerChoice | None = None,
     ) -> RunReport:
         images = sorted(images, key=lambda image: image.source)
         counts = Counts(discovered=discovered)
@@ -168,6 +177,7 @@ class RunReport(BaseModel):
             duration_s=round(duration_s, 3),
             chunks=chunks or [],
             started_at=started_at,
+            runner=runner,
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -181,6 +191,7 @@ class RunReport(BaseModel):
             "duration_s": self.duration_s,
             "started_at": self.started_at,
             "chunks": [chunk.model_dump(mode="json", exclude_none=True) for chunk in self.chunks],
+            **({"runner": self.runner.model_dump()} if self.runner else {}),
             **({"shard": {"index": self.job.shard_index, "count": self.job.shard_count}}
                if self.job.sharded else {}),
         }
@@ -205,5 +216,5 @@ class RunReport(BaseModel):
 
 __all__ = [
     "Chunk", "ChunkItem", "ChunkResult", "ChunkSummary", "Counts", "ImageResult", "Job",
-    "PipelineSpec", "Plan", "RunReport", "StageResources",
+    "PipelineSpec", "Plan", "RunnerChoice", "RunReport", "StageResources",
 ]

@@ -11,8 +11,9 @@ from pixelmill.errors import UsageError
 
 Fit = Literal["contain", "cover", "fill"]
 OutputFormat = Literal["jpeg", "png", "webp", "avif"]
-# Task runners: Ray (the default), a thread pool, or one thread (a baseline to compare with).
-RUNNERS = ("ray", "threads", "sequential")
+# Task runners: `auto` (the command line's default: threads or Ray, whichever one machine runs
+# the batch faster), Ray, a thread pool, Prefect's process pool, or one thread (a baseline).
+RUNNERS = ("auto", "ray", "threads", "processes", "sequential")
 
 # Largest output side we accept; beyond this a "thumbnail pipeline" is a mistake, and a
 # typo such as 40000x30000 would make every worker allocate gigabytes.

@@ -1,0 +1,115 @@
+"""Task runners beside Ray's: `--runner auto` (threads in this process for a batch that one
+machine does faster that way, Ray for the rest; the flow decides once it knows how many images
+it has to make) and Prefect's process pool with the tasks' lineage kept."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from typing import Any, Callable, Iterable
+
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.engine import collect_task_run_inputs_sync
+
+# Images to make up to which threads in the flow's own process beat Ray on one machine.
+# Pillow releases the GIL while it decodes, resizes and encodes, so two threads keep two cores
+# busy without Ray's per-command cost (connecting, starting workers that import Prefect,
+# shutting down); past this many images Ray's separate processes win back that cost on the
+# per-image Python work that holds the GIL. Measured in docs/decisions.md ("Which runner").
+CROSSOVER_IMAGES = 5000
+
+
+class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
+    """Runs a flow's tasks on threads or on Ray, whichever `choose` picks.
+
+    `ray_runner` builds the Ray task runner when Ray is chosen (only then is Ray connected or
+    started). Until the flow calls `choose`, nothing is started; a task submitted before that
+    runs on threads."""
+
+    def __init__(self, ray_runner: Callable[[], TaskRunner], crossover: int = CROSSOVER_IMAGES,
+                 threads: int | None = None) -> None:
+        super().__init__()
+        self._make_ray = ray_runner
+        self.crossover = crossover
+        self.threads = threads or os.cpu_count() or 1
+        self.chosen: TaskRunner | None = None
+        self.reason = ""
+        self._stack = ExitStack()
+
+    @property
+    def name(self) -> str:
+        return "auto"
+
+    def duplicate(self) -> AutoTaskRunner:
+        return type(self)(self._make_ray, self.crossover, self.threads)
+
+    def choose(self, images: int, needs_ray: str | None = None) -> TaskRunner:
+        """Pick the runner for a batch of `images` to make (once; later calls return the
+        first pick). `needs_ray` names a reason that only Ray can serve (a GPU stage)."""
+        if self.chosen is not None:
+            return self.chosen
+        if needs_ray:
+            runner, self.reason = self._make_ray(), needs_ray
+        elif images > self.crossover:
+            runner = self._make_ray()
+            self.reason = (f"{images} images to make, more than the {self.crossover} up to "
+                           "which threads are faster on one machine")
+        else:
+            runner = ThreadPoolTaskRunner(max_workers=self.threads)
+            self.reason = (f"{images} images to make on one machine, where threads are "
+                           f"faster up to {self.crossover}")
+        self.chosen = self._stack.enter_context(runner)
+        self.logger.info("Runner: %s (%s)", runner_name(self.chosen), self.reason)
+        return self.chosen
+
+    def submit(self, task, parameters: dict[str, Any],
+               wait_for: Iterable[PrefectFuture[Any]] | None = None,
+               dependencies=None) -> PrefectFuture[Any]:
+        runner = self.chosen or self.choose(0)
+        return runner.submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+    def __enter__(self) -> AutoTaskRunner:
+        super().__enter__()
+        self._stack = ExitStack()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self._stack.__exit__(*exc_info)
+        finally:
+            self.chosen = None
+            super().__exit__(*exc_info)
+
+
+class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
+    """Prefect's process pool, with each task run's upstream task runs recorded.
+
+    The pool resolves upstream futures and states to their values before it pickles a task's
+    parameters for the subprocess, and the subprocess then finds no upstream task run in them:
+    the UI would draw no edge from a resize chunk to its filter chunk. The inputs are collected
+    here first, as the thread pool's tasks collect them in process."""
+
+    def submit(self, task, parameters: dict[str, Any],
+               wait_for: Iterable[PrefectFuture[Any]] | None = None,
+               dependencies=None):
+        if dependencies is None:
+            dependencies = {name: collect_task_run_inputs_sync(value)
+                            for name, value in parameters.items()}
+        return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+
+def runner_name(runner: TaskRunner | None) -> str:
+    """A task runner as `--runner` names it: ray, threads, processes or sequential."""
+    from prefect.task_runners import ProcessPoolTaskRunner
+    from prefect_ray import RayTaskRunner
+
+    if isinstance(runner, AutoTaskRunner):
+        return runner_name(runner.chosen) if runner.chosen else "auto"
+    if isinstance(runner, RayTaskRunner):
+        return "ray"
+    if isinstance(runner, ProcessPoolTaskRunner):
+        return "processes"
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return "sequential" if runner._max_workers == 1 else "threads"
+    return type(runner).__name__ if runner is not None else "none"
