@@ -1,7 +1,7 @@
 """Re-runs against a first run, in one invocation: the same command again with nothing new,
 and again after 1 % new images spread over every folder.
 
-    .venv/bin/python bench/rerun.py [--images 20000] [--folders 100] [--runner ray]
+    .venv/bin/python bench/rerun.py [--images 20000] [--folders 100] [--runner auto]
 
 Prints the wall time of each command (what a user waits for, start-up included), the images
 each one made, and the two ratios against the first run (goal: <= 0.10 each).
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--folders", type=int, default=100)
-    parser.add_argument("--runner", default="ray")
+    parser.add_argument("--runner", default="auto")
     args = parser.parse_args()
     server.ensure_api()
     if args.runner == "ray":

@@ -196,6 +196,9 @@ def main() -> None:
                         lambda out: run_pixelmill(corpus, out, "ray", "--ray-address", "local")),
         "pm-threads": ("pixelmill --runner threads",
                        lambda out: run_pixelmill(corpus, out, "threads")),
+        "pm-processes": ("pixelmill --runner processes",
+                         lambda out: run_pixelmill(corpus, out, "processes")),
+        "pm-auto": ("pixelmill (--runner auto)", lambda out: run_pixelmill(corpus, out, "auto")),
         "pm-seq": ("pixelmill --runner sequential",
                    lambda out: run_pixelmill(corpus, out, "sequential")),
     }

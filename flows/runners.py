@@ -12,12 +12,13 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.engine import collect_task_run_inputs_sync
 
-# Images to make up to which threads in the flow's own process beat Ray on one machine.
-# Pillow releases the GIL while it decodes, resizes and encodes, so two threads keep two cores
-# busy without Ray's per-command cost (connecting, starting workers that import Prefect,
-# shutting down); past this many images Ray's separate processes win back that cost on the
-# per-image Python work that holds the GIL. Measured in docs/decisions.md ("Which runner").
-CROSSOVER_IMAGES = 5000
+# Images to make up to which threads in the flow's own process run a batch on one machine.
+# Pillow releases the GIL while it decodes, resizes and encodes, so a thread per core keeps
+# the cores busy without Ray's per-command cost (connecting, workers that import Prefect,
+# shutting down). Threads were the fastest at every size measured on 2 cores, up to 20,000
+# images (docs/decisions.md, "Which runner"); past that Ray, which a batch that large also
+# needs to spread over a cluster.
+CROSSOVER_IMAGES = 20000
 
 
 class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):

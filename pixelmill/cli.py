@@ -7,6 +7,7 @@ flows are imported only inside the commands that run them, after the API is set 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -618,7 +619,28 @@ def server_stop() -> None:
 
 
 def main() -> None:
-    app()
+    """The `pixelmill` command. Once the command has finished and every exit handler has run
+    (Prefect's log and event workers have sent what they hold), the process ends without
+    tearing down its modules one by one: after a run that took ~0.4 s, which the user waited
+    for with nothing left to do."""
+    code: list[int] = [EXIT_OK]
+
+    def leave() -> None:  # registered first, so it runs after every other exit handler
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code[0])
+
+    atexit.register(leave)
+    try:
+        app()
+    except SystemExit as exc:
+        code[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+        raise
+    except BaseException:
+        code[0] = 1
+        raise
 
 
 if __name__ == "__main__":

@@ -198,6 +198,6 @@ def build_gallery(report: RunReport, destination: Storage) -> str:
     destination.write(index_key, render_index(report, sheets).encode("utf-8"),
                       "text/html; charset=utf-8")
     destination.write(report.job.run_file("report.json"),
-                      json.dumps(report.to_json_dict(), indent=2).encode("utf-8"),
+                      report.to_json().encode("utf-8"),
                       "application/json")
     return index_key

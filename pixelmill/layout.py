@@ -21,13 +21,19 @@ IMAGE_EXTENSIONS = {
 # A flow run must stay within a few hundred task runs (two per chunk): the server's event
 # queue dropped events for flows with thousands of task runs (Prefect 3.8, 10,000 messages).
 MAX_CHUNKS = 150
-# Images per chunk from measured costs (bench/speed.py, 6 MP JPEGs on 2 cores): a chunk is
-# two task runs (resize ~16 ms and filter ~7.5 ms per image) and each task run costs Prefect
-# and Ray ~0.1 s, so 80 images keep orchestration near 10 % of a chunk's ~1.9 s of work.
-# Chunks are smaller only when there would be too few to share the cores.
+# Images per chunk from measured costs (bench/speed.py, 2 cores). A chunk is one or two task
+# runs, each costing Prefect ~0.1 s, so a chunk should hold ~1.6 s of work: 80 camera JPEGs
+# (6 MP: resize ~16 ms and filter ~7.5 ms each). The work of an image is estimated from its
+# listed size: a fixed part (reading, writing, the filter at the output size) and a part that
+# grows with the bytes to decode; a 320x240 thumbnail-sized source is ~4 ms, so ~430 a chunk.
 TARGET_CHUNK = 80
-# Chunks per core for small runs, so a slow chunk does not leave a core idle at the end.
+TARGET_CHUNK_S = 1.6
+PER_IMAGE_S = 0.003
+PER_BYTE_S = 0.06e-6
+# Chunks per core, so a slow chunk does not leave a core idle at the end; but never chunks of
+# less than MIN_CHUNK_S of work, where orchestration would cost more than it balances.
 CHUNKS_PER_CORE = 4
+MIN_CHUNK_S = 0.25
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -96,13 +102,27 @@ def check_shard(index: int, count: int) -> None:
         raise UsageError(f"shard {index} of {count}: need 0 <= shard_index < shard_count")
 
 
-def choose_chunk_size(images: int, cores: int) -> int:
-    """Images per chunk from the image count and the cores (see the constants above)."""
+def choose_chunk_size(images: int, cores: int, mean_bytes: float | None = None) -> int:
+    """Images per chunk from the image count, the cores and (when listed) the images' mean
+    size in bytes (see the constants above): at least one chunk per core, up to
+    CHUNKS_PER_CORE per core while each holds MIN_CHUNK_S of work, at most TARGET_CHUNK_S of
+    work a chunk, and never more than MAX_CHUNKS chunks."""
     if images <= 0:
         return 1
-    balanced = math.ceil(images / (max(1, cores) * CHUNKS_PER_CORE))
-    capped = math.ceil(images / MAX_CHUNKS)
-    return max(1, capped, min(TARGET_CHUNK, balanced))
+    cores = max(1, cores)
+    if mean_bytes is None:
+        per_image, target = TARGET_CHUNK_S / TARGET_CHUNK, TARGET_CHUNK
+    else:
+        per_image = PER_IMAGE_S + max(0.0, mean_bytes) * PER_BYTE_S
+        target = max(1, round(TARGET_CHUNK_S / per_image))
+    smallest = math.ceil(MIN_CHUNK_S / per_image)
+    balanced = math.ceil(images / (cores * CHUNKS_PER_CORE))
+    per_core = math.ceil(images / cores)
+    size = max(1, min(target, max(balanced, min(smallest, per_core))))
+    chunks = math.ceil(images / size)
+    if chunks < cores * CHUNKS_PER_CORE:  # a few chunks: a multiple of the cores, even ones
+        size = math.ceil(images / (math.ceil(chunks / cores) * cores))
+    return max(size, math.ceil(images / MAX_CHUNKS))
 
 
 def cap_chunk_size(images: int, chunk_size: int) -> int:

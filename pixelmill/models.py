@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -195,6 +196,21 @@ class RunReport(BaseModel):
             **({"shard": {"index": self.job.shard_index, "count": self.job.shard_count}}
                if self.job.sharded else {}),
         }
+
+    def to_json(self) -> str:
+        """report.json's text: indented, with one line per image. Each image is encoded by
+        json's C encoder (compact); an indented dump of the whole report goes through the
+        pure-Python encoder, about 0.3 s for 20,000 images."""
+        document = self.to_json_dict()
+        images = document.pop("images")
+        head = json.dumps({**document, "images": []}, indent=2)
+        if not images:
+            return head
+        lines = ",\n    ".join(json.dumps(entry, separators=(", ", ": "))
+                               for entry in images)
+        # the key's own text: a string value cannot hold it (its quotes would be escaped)
+        before, _, after = head.partition('"images": []')
+        return f'{before}"images": [\n    {lines}\n  ]{after}'
 
     def __iter__(self):  # type: ignore[override]
         """(field, value) pairs without the per-image records. Prefect walks a flow's return

@@ -103,7 +103,10 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
                       job, held)
         (kept if isinstance(found, ImageResult) else items).append(found)  # type: ignore[arg-type]
     asked = chunk_size
-    chunk_size = cap_chunk_size(len(items), chunk_size or choose_chunk_size(len(items), cores))
+    sizes = {info.key: info.size for info, _ in accepted}
+    mean_bytes = sum(sizes[item.source] for item in items) / len(items) if items else None
+    chunk_size = cap_chunk_size(len(items),
+                                chunk_size or choose_chunk_size(len(items), cores, mean_bytes))
     if asked and chunk_size != asked:
         log.warning("--chunk-size %d would make %d chunks of %d images, more than the %d a "
                     "flow run keeps to: using %d", asked, -(-len(items) // asked), len(items),

@@ -27,8 +27,10 @@ def test_run_with_a_corrupt_file_exits_1_and_reports_it(tmp_path, prefect_api):
     source = make_source(tmp_path / "in")
     dest = tmp_path / "out"
     result = pixelmill("run", str(source), str(dest), "--size", "160x120", "--filter", "sharpen",
-                       "--runner", "threads", "--run-name", "cli")
+                       "--run-name", "cli")
     assert result.returncode == 1, result.stderr
+    # the default runner chose threads for 9 images on one machine, and says so
+    assert "runner: threads (auto: 9 images to make on one machine" in result.stdout
     report = json.loads((dest / "cli/report.json").read_text())
     assert report["counts"]["ok"] == len(GOOD)
     failed = {e["source"]: e["error"] for e in report["images"] if e["status"] == "failed"}

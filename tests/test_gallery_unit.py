@@ -176,6 +176,18 @@ def test_report_json_follows_the_contract(report, dest):
                                "outputs": {"resized": f"resized/{KEPT}"}}
 
 
+def test_report_json_is_the_whole_report_with_one_line_per_image(report, dest):
+    build_gallery(report, dest)
+    text = dest.read(f"{RUN}/report.json").decode("utf-8")
+    assert json.loads(text) == json.loads(json.dumps(report.to_json_dict()))
+    lines = text.splitlines()
+    for image in report.images:  # each image is one line, readable and greppable
+        entry = json.dumps(image.report_entry(), separators=(", ", ": "))
+        assert sum(line.strip().rstrip(",") == entry for line in lines) == 1, entry
+    empty = RunReport.build(report.job, 0, [], 0.5)
+    assert json.loads(empty.to_json()) == json.loads(json.dumps(empty.to_json_dict()))
+
+
 def test_missing_resized_file_does_not_break_the_gallery(report, dest):
     (dest.root / RUN / "resized" / HOSTILE).unlink()
     build_gallery(report, dest)

@@ -166,6 +166,22 @@ def test_chunks_of_a_camera_batch_share_the_cores_and_stay_near_the_target():
     assert choose_chunk_size(10_000, 8) == 80
 
 
+def test_chunks_of_small_images_hold_more_of_them():
+    """Thumbnail-sized sources (~12 KB, ~4 ms of work each) in chunks of ~1.6 s of work: a
+    tenth of the task runs that chunks of 80 would cost."""
+    assert choose_chunk_size(20_000, 2, 11_500) == 434  # 47 chunks, not 150
+    assert choose_chunk_size(400, 2, 250_000) == 50  # camera JPEGs: 8 chunks as before
+
+
+@pytest.mark.parametrize(("images", "cores", "chunks"), [(200, 2, 4), (40, 2, 2), (3, 2, 2),
+                                                         (100, 8, 8), (100, 1, 2)])
+def test_a_small_batch_makes_few_chunks_in_a_multiple_of_the_cores(images, cores, chunks):
+    """A nightly top-up of a few hundred small images: enough chunks to share the cores,
+    not four per core of a few milliseconds each."""
+    size = choose_chunk_size(images, cores, 11_500)
+    assert -(-images // size) == chunks
+
+
 @pytest.mark.parametrize("cores", [1, 2, 8, 64])
 def test_large_run_stays_under_the_chunk_cap(cores):
     size = choose_chunk_size(5000, cores)
@@ -174,8 +190,9 @@ def test_large_run_stays_under_the_chunk_cap(cores):
 
 @pytest.mark.parametrize("images", [1, 2, 7, 24, 149, 150, 151, 999, 6000, 20000])
 @pytest.mark.parametrize("cores", [1, 2, 16])
-def test_chunk_count_bounds(images, cores):
-    size = choose_chunk_size(images, cores)
+@pytest.mark.parametrize("mean_bytes", [None, 0, 11_500, 3_000_000])
+def test_chunk_count_bounds(images, cores, mean_bytes):
+    size = choose_chunk_size(images, cores, mean_bytes)
     chunks = -(-images // size)
     assert size >= 1
     assert chunks <= MAX_CHUNKS

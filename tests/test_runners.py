@@ -10,6 +10,7 @@ import json
 
 import pytest
 from PIL import Image
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from pixelmill.spec import PipelineSpec
 from tests.corpus import BAD, GOOD, make_source
@@ -135,3 +136,27 @@ def test_a_chunk_that_fails_for_good_is_retried_then_fails_only_itself(name, tmp
     failed = [run for run in task_runs if run.state.is_failed()]
     assert len(failed) == 2 and all(run.run_count == 2 for run in failed), [
         (run.name, run.run_count) for run in failed]
+
+
+class _Marked(ThreadPoolTaskRunner):
+    """Stands in for the Ray runner in the choice tests: no Ray is started to test a choice."""
+
+
+@pytest.mark.parametrize(("images", "needs_ray", "expected", "reason"), [
+    (0, None, "threads", "0 images to make on one machine"),
+    (50, None, "threads", "50 images to make on one machine"),
+    (51, None, "ray", "51 images to make, more than the 50"),
+    (1, "the filter stage asks for GPUs", "ray", "the filter stage asks for GPUs"),
+])
+def test_auto_chooses_by_images_to_make_and_by_gpus(images, needs_ray, expected, reason):
+    from flows.runners import AutoTaskRunner
+
+    made = []
+    auto = AutoTaskRunner(lambda: made.append(_Marked(1)) or made[-1], crossover=50)
+    with auto.duplicate() as runner:
+        chosen = runner.choose(images, needs_ray)
+        assert isinstance(chosen, _Marked) == (expected == "ray")
+        assert chosen._started and runner.reason.startswith(reason)
+        assert runner.choose(10**6) is chosen  # the first choice stands
+    assert not chosen._started  # leaving the auto runner stops the one it chose
+    assert len(made) == (expected == "ray")
