@@ -261,3 +261,38 @@ def test_server_start_exports_the_api_url_of_pixelmills_own_server(prefect_api):
     finally:
         os.environ["PIXELMILL_HOME"] = saved
     assert url == prefect_api and own is not None and own.url == prefect_api
+
+
+def _events(flow_run_id: str, prefix: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(filter=EventFilter(
+            event=EventNameFilter(prefix=[prefix]),
+            any_resource=EventAnyResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])),
+            limit=50)
+    return page.events
+
+
+@pytest.mark.slow
+def test_heartbeats_only_when_the_user_sets_a_frequency(tmp_path, prefect_api):
+    """The command's own flow run sends no heartbeat events (ending it would wait up to 1 s
+    for Prefect's heartbeat thread) unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set."""
+    import re
+    import time
+
+    source = make_source(tmp_path / "in")
+    ids = {}
+    for name, env in (("quiet", {}), ("asked", {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})):
+        result = pixelmill("run", str(source), str(tmp_path / "out"), "--size", "64x48",
+                           "--run-name", name, env=env)
+        assert result.returncode == 1, result.stderr  # the two bad files of the corpus
+        ids[name] = re.search(r"/runs/flow-run/([0-9a-f-]{36})",
+                              result.stdout + result.stderr).group(1)
+    deadline = time.monotonic() + 30
+    while not (_events(ids["asked"], "prefect.flow-run.heartbeat")
+               and _events(ids["quiet"], "prefect.flow-run.Completed")):
+        assert time.monotonic() < deadline, "the server never recorded the runs' events"
+        time.sleep(0.5)
+    assert _events(ids["quiet"], "prefect.flow-run.heartbeat") == []
