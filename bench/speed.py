@@ -6,9 +6,11 @@ The job, for every row: a camera JPEG -> 400x300 -> blur -> both written as JPEG
 Rows: the kernel ceiling (pixelmill's own functions in a multiprocessing pool over all cores,
 no Prefect, no Ray); the predecessors (full decode + LANCZOS one image at a time, and the
 same split into one Ray task per core, on a Ray started for the run); pixelmill's real CLI
-with --runner ray on its long-lived local Ray (started before the rows, as after a first
-run), the same with a temporary Ray (--ray-address local), and --runner sequential.
-Printed as a table and ratios; written to bench/results/speed.json.
+with its default runner (auto), with each runner named (threads, processes, ray on its
+long-lived local Ray started before the rows as after a first run, ray with a temporary Ray
+via --ray-address local, sequential); the rivals (Daft, Ray Data) when the `bench` extra is
+installed. The ratios are the default runner's. Printed as a table and ratios; written to
+bench/results/speed.json.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # n
 SPEC = {"size": (400, 300), "filters": ("blur",), "format": "jpeg", "quality": 85}
 # Rows the ratios are built from: run --repeat times, the median (by seconds) is reported,
 # because a shared 2-core machine moves single runs by 10-20 %.
-REPEATED = {"ceiling", "pm-ray"}
+REPEATED = {"ceiling", "pm-auto"}
 
 
 def machine_cpu_s() -> float:
@@ -168,7 +170,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--size", default="3000x2000")
     parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--rows", default="ceiling,pred-seq,pred-ray,pm-ray,pm-ray-temp,pm-seq")
+    parser.add_argument("--rows", default="ceiling,pred-seq,pred-ray,pm-auto,pm-threads,"
+                        "pm-processes,pm-ray,pm-ray-temp,pm-seq")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of the rows the ratios compare; the median run is kept")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results)")
@@ -214,8 +217,12 @@ def main() -> None:
         runs.sort(key=lambda row: row["seconds"])
         rows[key] = {**runs[len(runs) // 2], "runs_s": [row["seconds"] for row in runs]}
     ratios = {}
-    if "pm-ray" in rows:
-        pm = rows["pm-ray"]
+    # the ratios are those of the command as a user runs it (the default runner, auto), or
+    # of --runner ray when only that row ran
+    main_row = next((key for key in ("pm-auto", "pm-ray") if key in rows), None)
+    if main_row:
+        ratios["row"] = main_row
+        pm = rows[main_row]
         if "ceiling" in rows:
             ceiling = rows["ceiling"]
             ratios["steady/ceiling"] = round(pm["steady_images_per_s"] / ceiling["images_per_s"], 2)

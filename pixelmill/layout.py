@@ -34,6 +34,9 @@ PER_BYTE_S = 0.06e-6
 # less than MIN_CHUNK_S of work, where orchestration would cost more than it balances.
 CHUNKS_PER_CORE = 4
 MIN_CHUNK_S = 0.25
+# The first chunks of a long batch are a quarter of the others (`ramp_chunks`).
+RAMP_DIVISOR = 4
+RAMP_MIN_S = 0.5
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -102,6 +105,13 @@ def check_shard(index: int, count: int) -> None:
         raise UsageError(f"shard {index} of {count}: need 0 <= shard_index < shard_count")
 
 
+def image_work_s(mean_bytes: float | None) -> float:
+    """Estimated seconds of one core's work for an image of `mean_bytes` listed bytes."""
+    if mean_bytes is None:
+        return TARGET_CHUNK_S / TARGET_CHUNK
+    return PER_IMAGE_S + max(0.0, mean_bytes) * PER_BYTE_S
+
+
 def choose_chunk_size(images: int, cores: int, mean_bytes: float | None = None) -> int:
     """Images per chunk from the image count, the cores and (when listed) the images' mean
     size in bytes (see the constants above): at least one chunk per core, up to
@@ -110,11 +120,8 @@ def choose_chunk_size(images: int, cores: int, mean_bytes: float | None = None) 
     if images <= 0:
         return 1
     cores = max(1, cores)
-    if mean_bytes is None:
-        per_image, target = TARGET_CHUNK_S / TARGET_CHUNK, TARGET_CHUNK
-    else:
-        per_image = PER_IMAGE_S + max(0.0, mean_bytes) * PER_BYTE_S
-        target = max(1, round(TARGET_CHUNK_S / per_image))
+    per_image = image_work_s(mean_bytes)
+    target = TARGET_CHUNK if mean_bytes is None else max(1, round(TARGET_CHUNK_S / per_image))
     smallest = math.ceil(MIN_CHUNK_S / per_image)
     balanced = math.ceil(images / (cores * CHUNKS_PER_CORE))
     per_core = math.ceil(images / cores)
@@ -132,10 +139,26 @@ def cap_chunk_size(images: int, chunk_size: int) -> int:
     return max(chunk_size, math.ceil(images / MAX_CHUNKS))
 
 
-def make_chunks(items: Sequence[ChunkItem], chunk_size: int) -> list[Chunk]:
+def ramp_chunks(images: int, chunk_size: int, cores: int, mean_bytes: float | None) -> int:
+    """How many chunks to make small at the start: one per core when the batch runs in
+    several waves of chunks of RAMP_MIN_S of work or more, so that the first results (and
+    the progress bar) come a quarter of a chunk after the start instead of a whole one."""
+    waves = images / max(1, chunk_size * max(1, cores))
+    if (waves < 2 or chunk_size * image_work_s(mean_bytes) < RAMP_MIN_S
+            or math.ceil(images / chunk_size) + cores > MAX_CHUNKS):
+        return 0
+    return max(1, cores)
+
+
+def make_chunks(items: Sequence[ChunkItem], chunk_size: int, ramp: int = 0) -> list[Chunk]:
+    """Chunks of `chunk_size` items in order; the first `ramp` of them a quarter the size."""
     if chunk_size < 1:
         raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
-    return [
-        Chunk(index=number, items=tuple(items[start : start + chunk_size]))
-        for number, start in enumerate(range(0, len(items), chunk_size))
-    ]
+    small = max(1, chunk_size // RAMP_DIVISOR)
+    chunks: list[Chunk] = []
+    start = 0
+    while start < len(items):
+        size = small if len(chunks) < ramp else chunk_size
+        chunks.append(Chunk(index=len(chunks), items=tuple(items[start : start + size])))
+        start += size
+    return chunks

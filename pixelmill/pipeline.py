@@ -13,7 +13,7 @@ from pixelmill.imageops import (
 )
 from pixelmill.layout import (
     MAX_CHUNKS, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
-    is_image_candidate, make_chunks,
+    is_image_candidate, make_chunks, ramp_chunks,
 )
 from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
 from pixelmill.overlap import Writer, prefetched, threaded_map
@@ -111,7 +111,8 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
         log.warning("--chunk-size %d would make %d chunks of %d images, more than the %d a "
                     "flow run keeps to: using %d", asked, -(-len(items) // asked), len(items),
                     MAX_CHUNKS, chunk_size)
-    chunks = make_chunks(items, chunk_size)
+    ramp = 0 if asked else ramp_chunks(len(items), chunk_size, cores, mean_bytes)
+    chunks = make_chunks(items, chunk_size, ramp)
     manifest = {
         "run": job.run,
         "source": job.source,

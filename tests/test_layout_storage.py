@@ -14,7 +14,7 @@ from pixelmill import storage as storage_module
 from pixelmill.errors import UsageError
 from pixelmill.layout import (
     MAX_CHUNKS, assign_outputs, check_run_name, choose_chunk_size, make_chunks, natural_output,
-    run_stamp,
+    ramp_chunks, run_stamp,
 )
 from pixelmill.models import ChunkItem
 from pixelmill.storage import TEMP_PREFIX, LocalStorage, open_storage, safe_key
@@ -182,6 +182,24 @@ def test_a_small_batch_makes_few_chunks_in_a_multiple_of_the_cores(images, cores
     assert -(-images // size) == chunks
 
 
+def test_a_long_batch_starts_with_small_chunks_and_keeps_every_item_once():
+    """400 camera JPEGs on 2 cores: the first chunk of each core holds a quarter of a chunk,
+    so the first results come after ~0.25 s of work instead of ~1 s."""
+    size = choose_chunk_size(400, 2, 250_000)
+    ramp = ramp_chunks(400, size, 2, 250_000)
+    chunks = make_chunks(_items(400), size, ramp)
+    assert [len(chunk.items) for chunk in chunks[:3]] == [size // 4, size // 4, size]
+    assert [item for chunk in chunks for item in chunk.items] == _items(400)
+    assert [chunk.index for chunk in chunks] == list(range(len(chunks)))
+
+
+@pytest.mark.parametrize(("images", "mean_bytes"), [(200, 11_500), (3, 250_000),
+                                                    (16, 250_000), (30_000, 250_000)])
+def test_no_small_chunks_for_short_work_few_waves_or_at_the_cap(images, mean_bytes):
+    size = choose_chunk_size(images, 2, mean_bytes)
+    assert ramp_chunks(images, size, 2, mean_bytes) == 0
+
+
 @pytest.mark.parametrize("cores", [1, 2, 8, 64])
 def test_large_run_stays_under_the_chunk_cap(cores):
     size = choose_chunk_size(5000, cores)
@@ -193,7 +211,8 @@ def test_large_run_stays_under_the_chunk_cap(cores):
 @pytest.mark.parametrize("mean_bytes", [None, 0, 11_500, 3_000_000])
 def test_chunk_count_bounds(images, cores, mean_bytes):
     size = choose_chunk_size(images, cores, mean_bytes)
-    chunks = -(-images // size)
+    ramp = ramp_chunks(images, size, cores, mean_bytes)
+    chunks = len(make_chunks(_items(images), size, ramp))
     assert size >= 1
     assert chunks <= MAX_CHUNKS
     if images >= 2 and cores >= 2:
