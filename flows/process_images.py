@@ -27,6 +27,7 @@ from prefect_ray.context import remote_options
 
 from pixelmill import progress, summary
 from pixelmill.errors import UsageError
+from pixelmill.gallery import SheetsAhead
 from pixelmill.layout import check_run_name, check_shard, run_stamp
 from pixelmill.models import (
     ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunnerChoice, RunReport,
@@ -331,16 +332,21 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
     results: list[ImageResult] = [*plan.rejected, *plan.kept]
     summaries: list[ChunkSummary] = []
     ahead = AHEAD_PER_CPU * max(1, cpus)
-    for number, future, upstream in _in_order(plan.chunks, submit_resize,
-                                              submit_filter if job.spec.filters else None,
-                                              ahead):
-        chunk = plan.chunks[number]
-        chunk_images, chunk_summary, result = _outcome(len(chunk.items), future, upstream, chunk)
-        results.extend(chunk_images)
-        summaries.append(chunk_summary.model_copy(
-            update={"finished_s": round(time.monotonic() - started, 3)}))
-        progress.chunk_done(result, len(chunk.items))
-        update_progress_artifact(progress_artifact, 100.0 * len(summaries) / len(plan.chunks))
+    # contact sheets whose images are all decided are drawn while later chunks run
+    with SheetsAhead(job, destination_storage(job), plan.kept, plan.chunks) as sheets:
+        for number, future, upstream in _in_order(plan.chunks, submit_resize,
+                                                  submit_filter if job.spec.filters else None,
+                                                  ahead):
+            chunk = plan.chunks[number]
+            chunk_images, chunk_summary, result = _outcome(len(chunk.items), future, upstream,
+                                                           chunk)
+            results.extend(chunk_images)
+            sheets.chunk_done(number, chunk_images)
+            summaries.append(chunk_summary.model_copy(
+                update={"finished_s": round(time.monotonic() - started, 3)}))
+            progress.chunk_done(result, len(chunk.items))
+            update_progress_artifact(progress_artifact,
+                                     100.0 * len(summaries) / len(plan.chunks))
 
     report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
                              sorted(summaries, key=lambda chunk: chunk.index), started_at,

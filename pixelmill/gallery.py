@@ -6,15 +6,21 @@ import hashlib
 import html
 import io
 import json
+import logging
 import os
+from bisect import bisect_right
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
 from pixelmill import provenance
-from pixelmill.models import ImageResult, RunReport
+from pixelmill.models import Chunk, ImageResult, Job, RunReport
 from pixelmill.overlap import threaded_map
 from pixelmill.storage import Storage
+
+log = logging.getLogger("pixelmill")
 
 # Contact sheet geometry: 6 x 8 tiles of 200x150 keeps one sheet near 1200x1400 pixels.
 SHEET_COLUMNS = 6
@@ -23,7 +29,8 @@ TILE = (200, 150)
 LABEL_HEIGHT = 20
 # Sheets are built in the flow's process from the resized outputs; beyond this many tiles
 # (10 sheets) the page itself is the better overview and the driver stays fast and small.
-MAX_SHEET_TILES = SHEET_COLUMNS * SHEET_ROWS * 10
+PER_SHEET = SHEET_COLUMNS * SHEET_ROWS
+MAX_SHEET_TILES = PER_SHEET * 10
 # Bump when sheets are drawn differently, so that sheets kept from earlier runs are redrawn.
 SHEET_VERSION = 1
 
@@ -41,22 +48,22 @@ def _label(text: str, width: int = 30) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def _sheet_stamp(report: RunReport, tiles: list[ImageResult]) -> str:
+def _sheet_stamp(job: Job, tiles: list[ImageResult]) -> str:
     """What a sheet shows: its tiles' sources, versions, sizes and the settings."""
-    spec = report.spec.model_dump(mode="json", exclude={"filters"})
+    spec = job.spec.model_dump(mode="json", exclude={"filters"})
     text = json.dumps([SHEET_VERSION, spec, [(tile.source, tile.version, tile.outputs["resized"],
                                               tile.width, tile.height) for tile in tiles]])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _sheet(report: RunReport, destination: Storage, number: int,
+def _sheet(job: Job, destination: Storage, number: int,
            tiles: list[ImageResult], held: dict[str, str]) -> str:
     """Write contact sheet `number` of `tiles` unless the run folder holds it already, drawn
     from the same tiles (`held`: key -> stamp); returns its run-relative path."""
-    key = report.job.run_file(f"gallery/contact-sheet-{number:02d}.jpg")
-    stamp = _sheet_stamp(report, tiles)
+    key = job.run_file(f"gallery/contact-sheet-{number:02d}.jpg")
+    stamp = _sheet_stamp(job, tiles)
     if held.get(key) == stamp:
-        return key.removeprefix(f"{report.run}/")
+        return key.removeprefix(f"{job.run}/")
     font = ImageFont.load_default(size=12)  # one per sheet: a FreeType face is not thread-safe
     rows = -(-len(tiles) // SHEET_COLUMNS)
     cell_w, cell_h = TILE[0] + 8, TILE[1] + LABEL_HEIGHT + 8
@@ -65,7 +72,7 @@ def _sheet(report: RunReport, destination: Storage, number: int,
     for slot, image in enumerate(tiles):
         left, top = (slot % SHEET_COLUMNS) * cell_w + 4, (slot // SHEET_COLUMNS) * cell_h + 4
         try:
-            data = destination.read(f"{report.run}/{image.outputs['resized']}")
+            data = destination.read(f"{job.run}/{image.outputs['resized']}")
             with Image.open(io.BytesIO(data)) as thumb:
                 thumb.draft("RGB", TILE)
                 # a tile is a small preview: one cheap 2x reduction, alpha only where it exists
@@ -82,7 +89,7 @@ def _sheet(report: RunReport, destination: Storage, number: int,
     buffer = io.BytesIO()
     sheet.save(buffer, "JPEG", quality=85)
     destination.write(key, buffer.getvalue(), "image/jpeg", {provenance.MADE: stamp})
-    return key.removeprefix(f"{report.run}/")
+    return key.removeprefix(f"{job.run}/")
 
 
 def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
@@ -90,14 +97,75 @@ def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
 
     Sheets are drawn on one thread per core (Pillow releases the GIL while decoding and
     resizing): the gallery is built after the last chunk, when the cores are free."""
-    done = report.shown[:MAX_SHEET_TILES]
-    per_sheet = SHEET_COLUMNS * SHEET_ROWS
-    sheets = [(number, done[start : start + per_sheet])
-              for number, start in enumerate(range(0, len(done), per_sheet), start=1)]
+    sheets = _sheets_of(report.shown)
     held = {info.key: info.metadata.get(provenance.MADE, "")
             for info in destination.list(f"{report.run}/gallery/")}
-    return threaded_map(lambda sheet: _sheet(report, destination, *sheet, held), sheets,
+    return threaded_map(lambda sheet: _sheet(report.job, destination, *sheet, held), sheets,
                         max(1, min(len(sheets), os.cpu_count() or 1)))
+
+
+def _sheets_of(shown: list[ImageResult]) -> list[tuple[int, list[ImageResult]]]:
+    """(number, tiles) of each contact sheet of the images shown, in order."""
+    done = shown[:MAX_SHEET_TILES]
+    return [(number, done[start : start + PER_SHEET])
+            for number, start in enumerate(range(0, len(done), PER_SHEET), start=1)]
+
+
+class SheetsAhead:
+    """Contact sheets drawn while the run goes on, on one thread of the flow's process, so
+    that the gallery at the end has only the last sheets (if any) left to draw.
+
+    Chunks hold the images to make in source order, so once chunks 0..k have finished, every
+    image up to chunk k's last source is decided (made, failed or kept) and no later one can
+    sort before it: each sheet that lies entirely in that prefix is final. A sheet is written
+    with its stamp, and `contact_sheets` at the end keeps what is already right."""
+
+    def __init__(self, job: Job, destination: Storage, kept: Sequence[ImageResult],
+                 chunks: Sequence[Chunk]) -> None:
+        self.job, self.destination = job, destination
+        # the sheets show the first MAX_SHEET_TILES images in source order: no kept image
+        # beyond that many can be on one
+        self.kept = sorted((image for image in kept if image.status != "failed"),
+                           key=lambda image: image.source)[:MAX_SHEET_TILES]
+        self.kept_sources = [image.source for image in self.kept]
+        self.ends = [chunk.items[-1].source for chunk in chunks if chunk.items]
+        self.finished: dict[int, list[ImageResult]] = {}
+        self.decided = 0  # chunks 0..decided-1 have all finished
+        self.drawn = 0  # sheets handed to the thread
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pixelmill-sheets")
+        self.futures: list[Future[str]] = []
+
+    def chunk_done(self, index: int, images: Sequence[ImageResult]) -> None:
+        """Note chunk `index`'s images; draw the sheets that are now final."""
+        self.finished[index] = [image for image in images if image.status != "failed"]
+        while self.decided in self.finished:
+            self.decided += 1
+        if not self.decided or self.drawn * PER_SHEET >= MAX_SHEET_TILES:
+            return
+        last = self.ends[self.decided - 1]
+        made = [image for number in range(self.decided) for image in self.finished[number]]
+        kept = self.kept[:bisect_right(self.kept_sources, last)]
+        shown = sorted(made[:MAX_SHEET_TILES] + kept, key=lambda image: image.source)
+        for number, tiles in _sheets_of(shown)[self.drawn:]:
+            if len(tiles) < PER_SHEET:
+                break  # its last slots may still be taken
+            self.futures.append(self.pool.submit(_sheet, self.job, self.destination,
+                                                 number, tiles, {}))
+            self.drawn = number
+
+    def __enter__(self) -> SheetsAhead:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the sheets being drawn; a sheet that failed is drawn again at the end."""
+        self.pool.shutdown(wait=True)
+        for future in self.futures:
+            if future.exception() is not None:
+                log.warning("contact sheet drawn early failed (drawn again with the gallery): "
+                            "%s", future.exception())
 
 
 def _figure(image: ImageResult, number: int) -> str:

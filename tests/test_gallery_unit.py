@@ -261,3 +261,48 @@ def test_each_image_with_filters_has_a_side_by_side_view_without_script(report, 
         for path, _ in panels:
             assert (dest.root / RUN / unquote(path)).is_file()
     assert "<script" not in page and ".compare:target{display:block}" in page
+
+
+def test_sheets_drawn_while_the_run_goes_on_are_final_and_kept_by_the_gallery(dest):
+    """130 images in chunks of 20 (every 7th kept from an earlier run, two failed): a sheet is
+    drawn once every image that sorts into it is decided, whatever order chunks finish in,
+    and the gallery at the end rewrites none of them and draws only the last one."""
+    from pixelmill.gallery import PER_SHEET, SheetsAhead
+    from pixelmill.models import Chunk, ChunkItem
+
+    job = Job(source="/photos", destination=dest.uri, run="ahead")
+    tile = encode(Image.new("RGB", (20, 15), RED), "jpeg")
+    kept, made, items = [], {}, []
+    for number in range(130):
+        source, path = f"{number:03d}.jpg", f"resized/{number:03d}.jpg"
+        dest.write(f"ahead/{path}", tile, "image/jpeg")
+        if number % 7 == 0:
+            kept.append(ImageResult(source=source, status="skipped", width=20, height=15,
+                                    outputs={"resized": path}))
+            continue
+        items.append(ChunkItem(source=source, output=f"{number:03d}.jpg"))
+        made[source] = (ImageResult(source=source, status="failed", error="bad")
+                        if number in (3, 50) else
+                        ImageResult(source=source, status="ok", width=20, height=15,
+                                    outputs={"resized": path}))
+    chunks = [Chunk(index=n, items=tuple(items[start:start + 20]))
+              for n, start in enumerate(range(0, len(items), 20))]
+    sheets = dest.root / "ahead" / "gallery"
+    with SheetsAhead(job, dest, kept, chunks) as ahead:
+        for index in (1, 2, 0):  # chunk 0 last: nothing is final before it
+            ahead.chunk_done(index, [made[item.source] for item in chunks[index].items])
+            if index != 0:
+                assert ahead.drawn == 0
+        assert ahead.drawn == 1  # 0..2 decide images 000..069: 68 shown, one full sheet
+        for index in range(3, len(chunks)):
+            ahead.chunk_done(index, [made[item.source] for item in chunks[index].items])
+    assert ahead.drawn == 2  # 128 shown: sheets 1 and 2 full, the third is the gallery's
+    drawn = {path.name: path.stat().st_mtime_ns for path in sheets.glob("contact-sheet-*")}
+    assert set(drawn) == {"contact-sheet-01.jpg", "contact-sheet-02.jpg"}
+    report = RunReport.build(job, 130, [*kept, *made.values()], 1.0)
+    assert len(report.shown) == 128 and 2 * PER_SHEET < 128
+    build_gallery(report, dest)
+    after = {path.name: path.stat().st_mtime_ns for path in sheets.glob("contact-sheet-*")}
+    assert after["contact-sheet-01.jpg"] == drawn["contact-sheet-01.jpg"]
+    assert after["contact-sheet-02.jpg"] == drawn["contact-sheet-02.jpg"]
+    assert "contact-sheet-03.jpg" in after
