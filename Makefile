@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup browser demo test bench bench-gcs bench-memory bench-rerun clean
+.PHONY: setup browser demo test bench bench-extra bench-gcs bench-memory bench-rerun clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,21 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest
 
-# pixelmill vs the kernel ceiling and the predecessors (600 camera JPEGs; IMAGES= SIZE= change it)
+# The rivals of `make bench` (Daft, Ray Data): the optional `bench` extra, never part of setup.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench-extra: $(BENCH_STAMP)
+
+# pixelmill vs the kernel ceiling, the predecessors and the rivals (600 camera JPEGs; IMAGES=
+# SIZE= change it; BENCH_ARGS="--rows ceiling,pm-auto" picks rows)
 IMAGES ?= 600
 SIZE ?= 3000x2000
-bench: setup
+# The default rows include the rivals, so the extra is installed for them; with --rows in
+# BENCH_ARGS it is not (`make bench-extra` installs it).
+bench: setup $(if $(findstring --rows,$(BENCH_ARGS)),,$(BENCH_STAMP))
 	$(BIN)/python bench/speed.py --images $(IMAGES) --size $(SIZE) $(BENCH_ARGS)
 
 # local->local vs gcs->gcs (emulator) on the same 200 images, printed as a ratio

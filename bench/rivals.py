@@ -1,5 +1,5 @@
 """The rivals for bench/speed.py: the same camera JPEGs -> fit 400x300 -> JPEG, done the way
-Daft and Ray Data document it. Resize only (no blur), one run each, as the issue defines it.
+Daft and Ray Data document it. Resize only (no blur), one run each: the job a user would hand them.
 
 Both need the `bench` extra (pip install -e '.[bench]'); each imports its library inside the
 function, so this module imports without them and speed.py can skip the rows when missing.
@@ -22,7 +22,7 @@ def run_daft(files: list[Path], out: Path) -> dict:
 
     Daft 0.7.26 has only `resize(w, h)` (an exact size, no thumbnail/fit and no per-row size),
     so the images are resized to exactly 400x300: a 3:2 photo is stretched to 4:3 rather than
-    fitted to 400x267, about the same pixel work. 0.7.26 dropped the `.url.` / `.image.`
+    fitted to 400x267 (12 % more output pixels, the same decode). 0.7.26 dropped the `.url.` / `.image.`
     namespaces; `download`, `decode_image`, `resize`, `encode_image` and `upload` are now
     methods of the expression. `upload` with a column of paths (not a folder, which would get
     UUID names) writes each image natively to out/<name>, so nothing passes through Python."""

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import rivals  # noqa: E402
 from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
 
 SPEC = {"size": (400, 300), "filters": ("blur",), "format": "jpeg", "quality": 85}
@@ -139,7 +140,8 @@ def _chunk_task_window(output: str) -> tuple[datetime, datetime]:
     return min(run.start_time for run in chunks), max(run.end_time for run in chunks)
 
 
-def run_pixelmill(corpus: Path, out: Path, runner: str, *options: str) -> dict:
+def run_pixelmill(corpus: Path, out: Path, runner: str, *options: str,
+                  job: tuple[str, ...] = ("--filter", "blur")) -> dict:
     """The real CLI; times from its report (chunk finish times) and from the Prefect API.
 
     start-up: command -> first finished chunk (as the issue defines it); work start: command ->
@@ -148,7 +150,7 @@ def run_pixelmill(corpus: Path, out: Path, runner: str, *options: str) -> dict:
     -> command exit (gallery, flow end, disconnect)."""
     launched = datetime.now().astimezone()
     result, wall, peak = run_watched(
-        [PIXELMILL, "run", str(corpus), str(out), "--size", "400x300", "--filter", "blur",
+        [PIXELMILL, "run", str(corpus), str(out), "--size", "400x300", *job,
          "--runner", runner, "--run-name", "bench", *options])
     report = json.loads((out / "bench/report.json").read_text())
     flow_started = datetime.fromisoformat(report["started_at"])
@@ -171,7 +173,7 @@ def main() -> None:
     parser.add_argument("--size", default="3000x2000")
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--rows", default="ceiling,pred-seq,pred-ray,pm-auto,pm-threads,"
-                        "pm-processes,pm-ray,pm-ray-temp,pm-seq")
+                        "pm-processes,pm-ray,pm-ray-temp,pm-seq,pm-resize,daft,ray-data")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of the rows the ratios compare; the median run is kept")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results)")
@@ -202,6 +204,11 @@ def main() -> None:
         "pm-processes": ("pixelmill --runner processes",
                          lambda out: run_pixelmill(corpus, out, "processes")),
         "pm-auto": ("pixelmill (--runner auto)", lambda out: run_pixelmill(corpus, out, "auto")),
+        # the rivals' job is resize only (JPEG -> 400x300 -> JPEG), so is pixelmill's row for it
+        "pm-resize": ("pixelmill, resize only", lambda out: run_pixelmill(corpus, out, "auto",
+                                                                          job=())),
+        "daft": ("Daft 0.7.26 native, resize only", lambda out: rivals.run_daft(files, out)),
+        "ray-data": ("Ray Data, resize only", lambda out: rivals.run_ray_data(files, out)),
         "pm-seq": ("pixelmill --runner sequential",
                    lambda out: run_pixelmill(corpus, out, "sequential")),
     }
@@ -235,6 +242,11 @@ def main() -> None:
                 base = rows[key]["images_per_s"]
                 ratios[f"steady/{key}"] = round(pm["steady_images_per_s"] / base, 2)
                 ratios[f"pixelmill/{key}"] = round(pm["images_per_s"] / base, 2)
+        if "pm-resize" in rows:  # end to end against the rivals, on their job
+            for key in ("daft", "ray-data"):
+                if key in rows:
+                    ratios[f"pixelmill/{key}"] = round(
+                        rows[key]["seconds"] / rows["pm-resize"]["seconds"], 2)
         ratios["startup_s"] = pm["startup_s"]
         ratios["work_start_s"] = pm["work_start_s"]
         ratios["teardown_s"] = pm["teardown_s"]

@@ -57,6 +57,9 @@ def markdown(report: RunReport, gallery_key: str) -> str:
         f"filters: {', '.join(spec.filters) or 'none'}",
         f"- chunks: {len(report.chunks)} "
         f"({sum(c.state != 'Completed' for c in report.chunks)} failed)",
+        *([f"- runner: {report.runner.name}"
+           + (f" ({report.runner.reason})" if report.runner.reason else "")]
+          if report.runner else []),
         "",
         *_gallery_lines(report, gallery_key),
     ]

@@ -103,6 +103,7 @@ def test_task_runs_lineage_and_artifacts_in_the_api(runner_run):
     by_type = {artifact.type: artifact for artifact in artifacts}
     assert float(by_type["progress"].data) == 100.0
     assert "**7 made**, **2 failed**" in by_type["markdown"].data
+    assert f"- runner: {first.result().runner.name}" in by_type["markdown"].data
     assert len(json.loads(by_type["table"].data)) == 2
 
 
