@@ -247,6 +247,13 @@ def main() -> None:
                 if key in rows:
                     ratios[f"pixelmill/{key}"] = round(
                         rows[key]["seconds"] / rows["pm-resize"]["seconds"], 2)
+        if "ceiling" in rows:  # every runner's steady state and overhead, same ceiling
+            for key, row in rows.items():
+                if key.startswith("pm-") and key not in ("pm-resize", main_row):
+                    ratios[f"steady/ceiling {key}"] = round(
+                        row["steady_images_per_s"] / rows["ceiling"]["images_per_s"], 2)
+                    ratios[f"overhead_share {key}"] = round(
+                        (row["processing_s"] - rows["ceiling"]["seconds"]) / row["seconds"], 3)
         ratios["startup_s"] = pm["startup_s"]
         ratios["work_start_s"] = pm["work_start_s"]
         ratios["teardown_s"] = pm["teardown_s"]

@@ -76,14 +76,15 @@ def assign_outputs(sources: Iterable[str], extension: str) -> dict[str, str]:
     already has the output extension keeps it and the other keeps its own extension in
     front: x.jpg -> x.jpg, x.png -> x.png.jpg. Ties beyond that get ~2, ~3 ...
     """
-    wanted = {key: natural_output(safe_key(key), extension) for key in sources}
-    order = sorted(wanted, key=lambda key: (wanted[key] != safe_key(key), key))
+    safe = {key: safe_key(key) for key in sources}
+    wanted = {key: natural_output(path, extension) for key, path in safe.items()}
+    order = sorted(wanted, key=lambda key: (wanted[key] != safe[key], key))
     taken: set[str] = set()
     result: dict[str, str] = {}
     for key in order:
         candidate = wanted[key]
         if candidate in taken:
-            candidate = safe_key(key) + extension
+            candidate = safe[key] + extension
             stem, ext = posixpath.splitext(candidate)
             number = 2
             while candidate in taken:

@@ -49,8 +49,11 @@ def _held(item: ChunkItem, job: Job, held: dict[str, ObjectInfo]) -> ChunkItem |
                                                              name)))
     if size is not None and len(kept_filters) == len(spec.filters):
         outputs = {folder: f"{folder}/{item.output}" for folder in ("resized", *kept_filters)}
-        return ImageResult(source=item.source, status="skipped", width=size[0], height=size[1],
-                           outputs=outputs, notes=size[2], version=item.version)
+        # built from values already checked (read_resized), once per kept image: without
+        # validating them again (a third of deciding 20,000 kept images)
+        return ImageResult.model_construct(
+            source=item.source, status="skipped", width=size[0], height=size[1],
+            outputs=outputs, notes=size[2], version=item.version)
     return item.model_copy(update={"kept_resized": size[:2] if size else None,
                                    "kept_notes": size[2] if size else (),
                                    "kept_filters": kept_filters})

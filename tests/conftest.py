@@ -50,7 +50,19 @@ def prefect_api() -> Iterator[str]:
     try:
         yield info.url
     finally:
+        _drain_prefect_workers()  # what they hold goes now, not at exit to a stopped server
         server.stop_pid(info.pid)
+
+
+def _drain_prefect_workers() -> None:
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    except Exception:  # draining is a courtesy to the server; never a test failure
+        pass
 
 
 @pytest.fixture(scope="session")
