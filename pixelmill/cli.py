@@ -641,7 +641,8 @@ def main() -> None:
     for with nothing left to do."""
     code: list[int] = [EXIT_OK]
 
-    def leave() -> None:  # registered first, so it runs after every other exit handler
+    def leave() -> None:  # runs after every exit handler registered during the command
+        logging.shutdown()  # registered at `import logging`, before this one: run it now
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code[0])

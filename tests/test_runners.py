@@ -161,3 +161,21 @@ def test_auto_chooses_by_images_to_make_and_by_gpus(images, needs_ray, expected,
         assert runner.choose(10**6) is chosen  # the first choice stands
     assert not chosen._started  # leaving the auto runner stops the one it chose
     assert len(made) == (expected == "ray")
+
+
+def test_auto_takes_ray_for_a_stage_that_asks_for_gpus(tmp_path, ray_cluster):
+    """A GPU stage goes to Ray whatever the batch size (threads have no GPU to give), and
+    its chunks ran with the (logical) GPU Ray assigned."""
+    from flows.process_images import make_task_runner, process_images
+    from pixelmill.spec import StageResources
+
+    source = make_source(tmp_path / "src")
+    state = process_images.with_options(task_runner=make_task_runner("auto"))(
+        source=str(source), destination=str(tmp_path / "dest"), spec=SPEC, run_name="gpu",
+        chunk_size=5, filter_resources=StageResources(num_cpus=1, num_gpus=1),
+        return_state=True)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report.runner.name == "ray"
+    assert report.runner.reason == "auto: the filter stage asks for GPUs"
+    assert all(chunk.resources["filter"].get("GPU") == 1.0 for chunk in report.chunks)
