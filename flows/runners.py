@@ -12,14 +12,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.engine import collect_task_run_inputs_sync
 
-# Images to make up to which threads in the flow's own process run a batch on one machine.
-# Pillow releases the GIL while it decodes, resizes and encodes, so a thread per core keeps
-# the cores busy without Ray's per-command cost (connecting, workers that import Prefect,
-# shutting down). Threads were the fastest at every size measured on 2 cores, up to 20,000
-# images (docs/decisions.md, "Which runner"); past that Ray, which a batch that large also
-# needs to spread over a cluster.
-CROSSOVER_IMAGES = 20000
-
+from pixelmill.spec import CROSSOVER_IMAGES, auto_runner
 
 class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
     """Runs a flow's tasks on threads or on Ray, whichever `choose` picks.
@@ -50,16 +43,9 @@ class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
         first pick). `needs_ray` names a reason that only Ray can serve (a GPU stage)."""
         if self.chosen is not None:
             return self.chosen
-        if needs_ray:
-            runner, self.reason = self._make_ray(), needs_ray
-        elif images > self.crossover:
-            runner = self._make_ray()
-            self.reason = (f"{images} images to make, more than the {self.crossover} up to "
-                           "which threads are faster on one machine")
-        else:
-            runner = ThreadPoolTaskRunner(max_workers=self.threads)
-            self.reason = (f"{images} images to make on one machine, where threads are "
-                           f"faster up to {self.crossover}")
+        name, self.reason = auto_runner(images, needs_ray, self.crossover)
+        runner = (self._make_ray() if name == "ray"
+                  else ThreadPoolTaskRunner(max_workers=self.threads))
         self.chosen = self._stack.enter_context(runner)
         self.logger.info("Runner: %s (%s)", runner_name(self.chosen), self.reason)
         return self.chosen

@@ -266,6 +266,61 @@ def _no_heartbeats_unless_asked():
     return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
+def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto",
+              ray_address: str | None = None, run_name: str | None = None,
+              chunk_size: int | None = None, verbose: bool = False,
+              gcp_credentials_block: str | None = None) -> int:
+    """`pixelmill run --dry-run`: the same checks and the same listing and decision as a run,
+    printed; nothing is written and no server or Ray is started (Prefect only to load a
+    credentials block)."""
+    from pixelmill import pipeline
+    from pixelmill.layout import check_run_name, run_stamp
+    from pixelmill.models import Job
+    from pixelmill.spec import auto_runner
+
+    check_runner(runner)
+    if run_name:
+        check_run_name(run_name)
+    if chunk_size is not None and chunk_size < 1:
+        raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
+    if not gcp_credentials_block:
+        preflight.check_source(source, dest)
+        preflight.check_destination(dest)
+    source, dest = (uri if "://" in uri else str(Path(uri).absolute()) for uri in (source, dest))
+    job = Job(source=source, destination=dest, run=run_name or run_stamp(), spec=spec,
+              gcp_credentials_block=gcp_credentials_block)
+    if gcp_credentials_block:
+        _prepare_prefect(verbose)
+        from tasks.storage import destination_storage, source_storage
+
+        storages = source_storage(job), destination_storage(job)
+    else:
+        storages = open_storage(source), open_storage(dest, destination=True)
+    plan = pipeline.discover(*storages, job, chunk_size, os.cpu_count() or 1,
+                             write_manifest=False)
+    to_make = sum(len(chunk.items) for chunk in plan.chunks)
+    why = f"--runner {runner}"
+    if runner == "auto" and ray_address:
+        runner, why = "ray", "auto: a Ray address was given"
+    elif runner == "auto":
+        runner, reason = auto_runner(to_make)
+        why = f"auto: {reason}"
+    folder = dest.rstrip("/") + f"/{job.run}"
+    out.print(f"dry run, nothing written: run folder {folder}"
+              + ("" if run_name else " (this minute's; --run-name re-uses one)"),
+              highlight=False)
+    out.print(f"{plan.discovered} images: {len(plan.kept)} kept (their outputs are there, made "
+              f"from the same source version with the same settings), {to_make} to make, "
+              f"{len(plan.rejected)} refused at discovery; {plan.ignored} other files "
+              "ignored", highlight=False)
+    for image in plan.rejected[:10]:
+        out.print(f"  refused {image.source}: {image.error}", highlight=False)
+    if to_make:
+        out.print(f"would make {to_make} in {len(plan.chunks)} chunks of up to "
+                  f"{plan.chunk_size}, runner {runner} ({why})", highlight=False)
+    return EXIT_OK
+
+
 def _lost_api(api_url: str) -> str:
     return (f"lost the Prefect API at {api_url} during the run; what was written is kept. "
             "Bring the server back (`pixelmill server start` restarts pixelmill's own on the "
@@ -382,6 +437,9 @@ def run(
     shared_filesystem: Annotated[bool, typer.Option(
         "--shared-filesystem", help="local SOURCE/DEST are seen by every node of the Ray "
                                     "cluster (NFS, a mounted bucket)")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="list SOURCE and the run folder, print what a run would make, "
+                          "keep and refuse; write nothing")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Resize (and filter) every image under SOURCE into DEST/<run>/ with a gallery.
@@ -390,6 +448,10 @@ def run(
     settings, are kept: running the same command again makes only what is missing."""
     def command() -> int:
         spec = _spec(size, fit, filter, format, quality, upscale)
+        if dry_run:
+            return plan_only(source, dest, spec, runner=runner, ray_address=ray_address,
+                             run_name=run_name, chunk_size=chunk_size, verbose=verbose,
+                             gcp_credentials_block=gcp_credentials_block)
         return execute(source, dest, spec, runner=runner, ray_address=ray_address,
                        run_name=run_name, chunk_size=chunk_size, verbose=verbose,
                        gcp_credentials_block=gcp_credentials_block,

@@ -110,6 +110,7 @@ class Plan(Frozen):
     rejected: tuple[ImageResult, ...] = ()
     kept: tuple[ImageResult, ...] = ()
     chunk_size: int
+    ignored: int = 0  # objects that are not images (listed in manifest.json)
 
 
 class ChunkSummary(Frozen):

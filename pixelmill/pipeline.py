@@ -60,13 +60,14 @@ def _held(item: ChunkItem, job: Job, held: dict[str, ObjectInfo]) -> ChunkItem |
 
 
 def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,
-             cores: int = 1) -> Plan:
+             cores: int = 1, write_manifest: bool = True) -> Plan:
     """List the source once (an image candidate by name or content type; only objects with
     neither are sniffed); list the run folder once and
     keep every image whose outputs are all there, made from the same source version with the
     same settings; write manifest.json; cut chunks from the images still to make.
 
     `chunk_size` None picks one from the image count and the cores (`choose_chunk_size`).
+    `write_manifest` False writes nothing (`pixelmill run --dry-run`).
     """
     skip_prefix = _inside(destination.uri, source.uri)
     listed = [info for info in source.list()
@@ -127,10 +128,12 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
         "chunk_size": chunk_size,
         "chunks": len(chunks),
     }
-    destination.write(job.run_file("manifest.json"),  # compact: the C encoder, 20x faster
-                      json.dumps(manifest, separators=(",", ":")).encode(), "application/json")
+    if write_manifest:  # compact: the C encoder, 20x faster
+        destination.write(job.run_file("manifest.json"),
+                          json.dumps(manifest, separators=(",", ":")).encode(),
+                          "application/json")
     return Plan(discovered=discovered, chunks=tuple(chunks), rejected=tuple(rejected),
-                kept=tuple(kept), chunk_size=chunk_size)
+                kept=tuple(kept), chunk_size=chunk_size, ignored=len(ignored))
 
 
 def _kept_outputs(item: ChunkItem) -> dict[str, str]:

@@ -32,6 +32,28 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Images to make up to which `auto` runs a batch on threads in the flow's own process.
+# Pillow releases the GIL while it decodes, resizes and encodes, so a thread per core keeps
+# the cores busy without Ray's per-command cost (connecting, workers that import Prefect,
+# shutting down). Threads were the fastest at every size measured on 2 cores, up to 20,000
+# images (docs/decisions.md, "Which runner"); past that Ray, which a batch that large also
+# needs to spread over a cluster.
+CROSSOVER_IMAGES = 20000
+
+
+def auto_runner(images: int, needs_ray: str | None = None,
+                crossover: int = CROSSOVER_IMAGES) -> tuple[str, str]:
+    """What `--runner auto` runs a batch of `images` to make on, and why: ("threads" or
+    "ray", reason). `needs_ray` is a reason only Ray can serve (a stage that asks for GPUs)."""
+    if needs_ray:
+        return "ray", needs_ray
+    if images > crossover:
+        return "ray", (f"{images} images to make, more than the {crossover} up to which "
+                       "threads are faster on one machine")
+    return "threads", (f"{images} images to make on one machine, where threads are faster "
+                       f"up to {crossover}")
+
+
 def check_runner(runner: str) -> str:
     if runner not in RUNNERS:
         raise UsageError(f"--runner {runner!r}: choose from {', '.join(RUNNERS)}")

@@ -296,3 +296,33 @@ def test_heartbeats_only_when_the_user_sets_a_frequency(tmp_path, prefect_api):
         assert time.monotonic() < deadline, "the server never recorded the runs' events"
         time.sleep(0.5)
     assert _events(ids["quiet"], "prefect.flow-run.heartbeat") == []
+
+
+@pytest.mark.slow
+def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(tmp_path, prefect_api):
+    """After a run, 2 new images and a deleted output: the dry run counts 6 kept and 3 to
+    make (the two new, the one whose output went) plus the 2 bad files, refuses the empty
+    file, names the ignored one, and touches neither folder; it needs no Prefect server."""
+    source = make_source(tmp_path / "in")
+    dest = tmp_path / "out"
+    assert pixelmill("run", str(source), str(dest), "--size", "64x48", "--run-name", "n",
+                     "--runner", "threads").returncode == 1  # the two bad files
+    for name in ("new1.jpg", "new2.jpg"):
+        (source / name).write_bytes((source / "e.jpg").read_bytes())
+    (source / "empty.jpg").write_bytes(b"")
+    (dest / "n/resized/trips/a.jpg").unlink()
+
+    def tree(root):
+        return {path: path.stat().st_mtime_ns for path in root.rglob("*")}
+
+    before = (tree(source), tree(dest))
+    result = pixelmill("run", str(source), str(dest), "--size", "64x48", "--run-name", "n",
+                       "--dry-run", env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert result.returncode == 0, result.stderr
+    assert "dry run, nothing written" in result.stdout
+    assert ("12 images: 6 kept (their outputs are there, made from the same source version "
+            "with the same settings), 5 to make, 1 refused at discovery; 1 other files "
+            "ignored") in " ".join(result.stdout.split())
+    assert "refused empty.jpg" in result.stdout
+    assert "runner threads (auto: 5 images to make on one machine" in result.stdout
+    assert (tree(source), tree(dest)) == before
