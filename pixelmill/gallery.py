@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 from bisect import bisect_right
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,9 @@ TILE = (200, 150)
 LABEL_HEIGHT = 20
 # Sheets are built in the flow's process from the resized outputs; beyond this many tiles
 # (10 sheets) the page itself is the better overview and the driver stays fast and small.
+# A gallery of more images than this is an index page and pages of this many images each:
+# one page of 20,000 images was 5.9 MB of HTML, a page of 500 is about 0.2 MB.
+PAGE_SIZE = 500
 PER_SHEET = SHEET_COLUMNS * SHEET_ROWS
 MAX_SHEET_TILES = PER_SHEET * 10
 # Bump when sheets are drawn differently, so that sheets kept from earlier runs are redrawn.
@@ -92,14 +96,16 @@ def _sheet(job: Job, destination: Storage, number: int,
     return key.removeprefix(f"{job.run}/")
 
 
-def contact_sheets(report: RunReport, destination: Storage) -> list[str]:
+def contact_sheets(report: RunReport, destination: Storage,
+                   held: dict[str, str] | None = None) -> list[str]:
     """Write labelled contact sheets of the ok images; returns their run-relative paths.
 
     Sheets are drawn on one thread per core (Pillow releases the GIL while decoding and
     resizing): the gallery is built after the last chunk, when the cores are free."""
     sheets = _sheets_of(report.shown)
-    held = {info.key: info.metadata.get(provenance.MADE, "")
-            for info in destination.list(f"{report.run}/gallery/")}
+    if held is None:  # key -> stamp of what the gallery folder holds
+        held = {info.key: info.metadata.get(provenance.MADE, "")
+                for info in destination.list(f"{report.run}/gallery/")}
     return threaded_map(lambda sheet: _sheet(report.job, destination, *sheet, held), sheets,
                         max(1, min(len(sheets), os.cpu_count() or 1)))
 
@@ -211,7 +217,7 @@ figure{margin:0;background:#1b1b1b;border:1px solid #2c2c2c;padding:8px}
 figure img{width:100%;height:auto;max-height:200px;object-fit:contain;display:block;background:#000}
 figcaption{margin-top:6px;word-break:break-all}.links a{margin-right:8px;font-size:12px}
 .name{display:block}.note{color:#fc6;font-size:12px;margin:4px 0 0}
-table{border-collapse:collapse;width:100%}td,th{border:1px solid #333;padding:4px 8px;text-align:left}
+table{border-collapse:collapse;width:100%}.nav{margin:8px 0}.pages li{margin:4px 0}td,th{border:1px solid #333;padding:4px 8px;text-align:left}
 .failed{color:#f88}.kept{color:#9c9;font-size:12px}
 .compare{display:none;position:fixed;inset:0;overflow:auto;padding:16px 24px;background:#111}
 .compare:target{display:block}
@@ -221,10 +227,49 @@ table{border-collapse:collapse;width:100%}td,th{border:1px solid #333;padding:4p
 """
 
 
-def render_index(report: RunReport, sheets: list[str]) -> str:
-    """The gallery page: relative links only, every name escaped, failures with reasons."""
+def _images_html(images: Sequence[ImageResult], offset: int) -> str:
+    """The figures of `images` (numbered from `offset`, so ids are unique across pages) and
+    their side-by-side views."""
+    grid = "".join(_figure(image, offset + n) for n, image in enumerate(images))
+    compares = "".join(_compare(image, offset + n) for n, image in enumerate(images)
+                       if len(image.outputs) > 1)
+    return f'<div class="grid">{grid}</div>\n{compares}'
+
+
+def _document(report: RunReport, title: str, header: str, body: str) -> str:
     counts = report.counts
     spec = report.spec
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pixelmill · {_text(report.run)}{title}</title><style>{_STYLE}</style></head>
+<body><header><h1>pixelmill run {_text(report.run)}{title}</h1>
+<div class="muted">{_text(report.source)} → {_text(report.destination)}</div>
+<div>{counts.ok} made now · {counts.skipped} kept from earlier runs ·
+ <span class="failed">{counts.failed} failed</span> of {counts.discovered} discovered in {report.duration_s:.1f} s ·
+ {spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
+ filters: {_text(", ".join(spec.filters) or "none")}</div>
+{header}</header><main>{body}
+</main></body></html>
+"""
+
+
+def _pages(shown: list[ImageResult], page_size: int) -> list[tuple[int, int, list[ImageResult]]]:
+    """(number, offset, images) of each page when the images do not fit on the index page."""
+    if len(shown) <= page_size:
+        return []
+    return [(number, start, shown[start : start + page_size])
+            for number, start in enumerate(range(0, len(shown), page_size), start=1)]
+
+
+def _page_name(number: int) -> str:
+    return f"page-{number:03d}.html"
+
+
+def render_index(report: RunReport, sheets: list[str], page_size: int = PAGE_SIZE) -> str:
+    """The gallery page: relative links only, every name escaped, failures with reasons
+    first; the images themselves, or links to pages of `page_size` images when there are
+    more."""
     shown = report.shown
     failed = report.failures
     rows = "".join(
@@ -238,32 +283,57 @@ def render_index(report: RunReport, sheets: list[str]) -> str:
         f'<a href="{_text(quote(name.removeprefix("gallery/")))}">sheet {number}</a>'
         for number, name in enumerate(sheets, start=1)
     )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>pixelmill · {_text(report.run)}</title><style>{_STYLE}</style></head>
-<body><header><h1>pixelmill run {_text(report.run)}</h1>
-<div class="muted">{_text(report.source)} → {_text(report.destination)}</div>
-<div>{counts.ok} made now · {counts.skipped} kept from earlier runs ·
- <span class="failed">{counts.failed} failed</span> of {counts.discovered} discovered in {report.duration_s:.1f} s ·
- {spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
- filters: {_text(", ".join(spec.filters) or "none")}</div>
-<div>contact sheets: {sheet_links or "none"} ·
- <a href="../{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">report.json</a></div>
-</header><main>{failures}
-<h2>Images ({len(shown)})</h2><div class="grid">{"".join(_figure(image, number) for number, image in enumerate(shown))}</div>
-{"".join(_compare(image, number) for number, image in enumerate(shown) if len(image.outputs) > 1)}
-</main></body></html>
-"""
+    header = (f'<div>contact sheets: {sheet_links or "none"} · <a href="../'
+              f'{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">'
+              "report.json</a></div>")
+    pages = _pages(shown, page_size)
+    if not pages:
+        images = _images_html(shown, 0)
+    else:
+        images = '<ol class="pages">' + "".join(
+            f'<li><a href="{_page_name(number)}">page {number}</a>: {len(part)} images, '
+            f"{_text(part[0].source)} … {_text(part[-1].source)}</li>"
+            for number, _, part in pages) + "</ol>"
+    return _document(report, "", header,
+                     f"{failures}\n<h2>Images ({len(shown)})</h2>{images}")
 
 
-def build_gallery(report: RunReport, destination: Storage) -> str:
-    """Write contact sheets, index.html and (last) report.json; returns the index key.
-    Leftovers of writers killed in earlier runs (a worker lost to the OOM killer) go first."""
+def render_page(report: RunReport, number: int, count: int, offset: int,
+                images: Sequence[ImageResult]) -> str:
+    """Page `number` of `count`: its images, with links to the index and its neighbours."""
+    links = ['<a href="index.html">index</a>']
+    if number > 1:
+        links.append(f'<a href="{_page_name(number - 1)}">previous page</a>')
+    if number < count:
+        links.append(f'<a href="{_page_name(number + 1)}">next page</a>')
+    nav = f'<div class="nav">{" · ".join(links)}</div>'
+    return _document(report, f" · page {number} of {count}", nav,
+                     f"<h2>Images {offset + 1}–{offset + len(images)} of "
+                     f"{len(report.shown)}</h2>{_images_html(images, offset)}\n{nav}")
+
+
+def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE_SIZE) -> str:
+    """Write contact sheets, the pages, index.html and (last) report.json; returns the index
+    key. A page or sheet already there with the same content (its stamp) is not rewritten;
+    pages beyond the count go. Leftovers of writers killed in earlier runs (a worker lost to
+    the OOM killer) go first."""
     destination.tidy(report.run)
-    sheets = contact_sheets(report, destination)
+    held = {info.key: info.metadata.get(provenance.MADE, "")
+            for info in destination.list(f"{report.run}/gallery/")}
+    sheets = contact_sheets(report, destination, held)
+    pages = _pages(report.shown, page_size)
+    for number, offset, images in pages:
+        page = render_page(report, number, len(pages), offset, images).encode("utf-8")
+        key = report.job.run_file(f"gallery/{_page_name(number)}")
+        stamp = hashlib.sha256(page).hexdigest()[:32]
+        if held.get(key) != stamp:
+            destination.write(key, page, "text/html; charset=utf-8", {provenance.MADE: stamp})
+    for key in held:
+        found = re.fullmatch(r".*/gallery/page-(\d+)\.html", key)
+        if found and int(found.group(1)) > len(pages):
+            destination.delete(key)
     index_key = report.job.run_file("gallery/index.html")
-    destination.write(index_key, render_index(report, sheets).encode("utf-8"),
+    destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),
                       "text/html; charset=utf-8")
     destination.write(report.job.run_file("report.json"),
                       report.to_json().encode("utf-8"),

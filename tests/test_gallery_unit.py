@@ -306,3 +306,58 @@ def test_sheets_drawn_while_the_run_goes_on_are_final_and_kept_by_the_gallery(de
     assert after["contact-sheet-01.jpg"] == drawn["contact-sheet-01.jpg"]
     assert after["contact-sheet-02.jpg"] == drawn["contact-sheet-02.jpg"]
     assert "contact-sheet-03.jpg" in after
+
+
+def _many(dest: LocalStorage, run: str, count: int, filters: tuple[str, ...] = ()) -> RunReport:
+    job = Job(source="/photos", destination=dest.uri, run=run,
+              spec=PipelineSpec(size=(20, 15), filters=filters))
+    tile = encode(Image.new("RGB", (20, 15), BLUE), "jpeg")
+    images = []
+    for number in range(count):
+        source = f"{number:03d}-{HOSTILE}" if number == 4 else f"{number:03d}.jpg"
+        outputs = {folder: f"{folder}/{source}" for folder in ("resized", *filters)}
+        for path in outputs.values():
+            dest.write(f"{run}/{path}", tile, "image/jpeg")
+        images.append(ImageResult(source=source, status="ok", width=20, height=15,
+                                  outputs=outputs))
+    images.append(ImageResult(source="bad<i>.jpg", status="failed", error="truncated"))
+    return RunReport.build(job, count + 1, images, 0.5)
+
+
+def test_a_gallery_of_more_images_than_a_page_is_an_index_and_pages(dest):
+    report = _many(dest, "paged", 7, ("blur",))
+    build_gallery(report, dest, page_size=3)
+    gallery = dest.root / "paged" / "gallery"
+    index = (gallery / "index.html").read_text()
+    assert "<figure" not in index and "Failed (1)" in index and "bad&lt;i&gt;.jpg" in index
+    links = _links(index).links
+    assert [link for link in links if link.startswith("page-")] == [
+        "page-001.html", "page-002.html", "page-003.html"]
+    figures, ids = [], set()
+    for number in (1, 2, 3):
+        page = (gallery / f"page-{number:03d}.html").read_text()
+        parsed = _links(page)
+        assert not ids & parsed.ids  # ids are unique across pages
+        ids |= parsed.ids
+        figures += re.findall(r'<span class="name">([^<]*)</span>', page)
+        for link in parsed.links:  # every link of a page resolves to a written file
+            assert (gallery / unquote(link)).resolve().is_file(), link
+        assert {anchor[1:] for anchor in parsed.anchors} <= parsed.ids
+        assert "<img src=x" not in page  # the hostile name is text
+    assert len(figures) == 7 and figures[0] == "000.jpg"
+    assert "next page" in (gallery / "page-001.html").read_text()
+    assert "previous page" in (gallery / "page-003.html").read_text()
+    before = {path.name: path.stat().st_mtime_ns for path in gallery.glob("page-*")}
+    build_gallery(report, dest, page_size=3)  # the same report: no page is rewritten
+    assert {path.name: path.stat().st_mtime_ns for path in gallery.glob("page-*")} == before
+    build_gallery(report, dest)  # all on one page again: the pages go
+    assert not list(gallery.glob("page-*")) and "<figure" in (gallery / "index.html").read_text()
+
+
+def test_a_page_of_500_images_stays_small(dest):
+    from pixelmill.gallery import PAGE_SIZE, render_index, render_page
+
+    report = _many(dest, "big", PAGE_SIZE + 1, ("blur", "sharpen", "emboss", "contour"))
+    page = render_page(report, 1, 2, 0, report.shown[:PAGE_SIZE])
+    assert page.count("<figure") == PAGE_SIZE and len(page.encode()) < 2_000_000
+    assert render_index(report, []).count("<figure") == 0

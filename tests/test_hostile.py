@@ -119,6 +119,59 @@ def test_gallery_in_a_real_browser(hostile_run, artifacts_dir):
     assert set(failure_rows) == {e["source"] for e in report["images"] if e["status"] == "failed"}
 
 
+def test_a_paged_gallery_in_a_real_browser(hostile_run):
+    """The same run's gallery in pages of 2 images: every page loads its images in chromium,
+    runs no script from a name and links on to the next; the index lists the failures."""
+    from playwright.sync_api import sync_playwright
+
+    from pixelmill.gallery import build_gallery
+    from pixelmill.models import ImageResult, Job, RunReport
+    from pixelmill.spec import PipelineSpec
+    from pixelmill.storage import LocalStorage
+
+    dest = hostile_run["dest"]
+    original = (dest / "h/report.json").read_bytes()
+    data = json.loads(original)
+    job = Job(source=data["source"], destination=data["destination"], run=data["run"],
+              spec=PipelineSpec(**data["spec"]))
+    report = RunReport.build(job, data["counts"]["discovered"],
+                             [ImageResult(**entry) for entry in data["images"]],
+                             data["duration_s"])
+    shown = sorted(entry["source"] for entry in data["images"] if entry["status"] == "ok")
+    try:
+        build_gallery(report, LocalStorage(dest), page_size=2)
+        seen, problems = [], []
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--no-sandbox", "--disable-gpu", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update"])
+            page = browser.new_page()
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("dialog", lambda dialog: (problems.append(dialog.message), dialog.dismiss()))
+            page.goto((dest / "h/gallery/index.html").as_uri())
+            failures = page.eval_on_selector_all("table tr td:first-child",
+                                                 "cells => cells.map(c => c.textContent)")
+            page.click("ol.pages a")  # the first page
+            while True:
+                page.wait_for_function("[...document.images].every(i => i.complete)",
+                                       timeout=30000)
+                seen += page.eval_on_selector_all(
+                    "figure img", "images => images.map(i => [i.alt, i.naturalWidth])")
+                assert page.eval_on_selector_all("script", "s => s.length") == 0
+                following = page.query_selector("a:text('next page')")
+                if following is None:
+                    break
+                following.click()
+            browser.close()
+        assert problems == []
+        assert sorted(alt for alt, _ in seen) == shown and all(width > 0 for _, width in seen)
+        assert set(failures) == {e["source"] for e in data["images"] if e["status"] == "failed"}
+    finally:  # the run's own gallery and report again
+        build_gallery(report, LocalStorage(dest))
+        (dest / "h/report.json").write_bytes(original)
+
+
 def test_hostile_keys_in_a_bucket_stay_inside_the_destination(gcs, prefect_api):
     from flows.process_images import make_task_runner, process_images
     from pixelmill.spec import PipelineSpec
