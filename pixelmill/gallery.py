@@ -236,18 +236,22 @@ def _images_html(images: Sequence[ImageResult], offset: int) -> str:
     return f'<div class="grid">{grid}</div>\n{compares}'
 
 
-def _document(report: RunReport, title: str, header: str, body: str) -> str:
+def _document(report: RunReport, title: str, header: str, body: str,
+              this_run: bool = True) -> str:
+    """A page of the gallery. `this_run` False leaves out what changes with every run
+    (counts, duration), so that a page of images is the same until its images change."""
     counts = report.counts
     spec = report.spec
+    stats = (f"""{counts.ok} made now · {counts.skipped} kept from earlier runs ·
+ <span class="failed">{counts.failed} failed</span> of {counts.discovered} discovered in {report.duration_s:.1f} s ·
+ """ if this_run else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>pixelmill · {_text(report.run)}{title}</title><style>{_STYLE}</style></head>
 <body><header><h1>pixelmill run {_text(report.run)}{title}</h1>
 <div class="muted">{_text(report.source)} → {_text(report.destination)}</div>
-<div>{counts.ok} made now · {counts.skipped} kept from earlier runs ·
- <span class="failed">{counts.failed} failed</span> of {counts.discovered} discovered in {report.duration_s:.1f} s ·
- {spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
+<div>{stats}{spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
  filters: {_text(", ".join(spec.filters) or "none")}</div>
 {header}</header><main>{body}
 </main></body></html>
@@ -309,7 +313,8 @@ def render_page(report: RunReport, number: int, count: int, offset: int,
     nav = f'<div class="nav">{" · ".join(links)}</div>'
     return _document(report, f" · page {number} of {count}", nav,
                      f"<h2>Images {offset + 1}–{offset + len(images)} of "
-                     f"{len(report.shown)}</h2>{_images_html(images, offset)}\n{nav}")
+                     f"{len(report.shown)}</h2>{_images_html(images, offset)}\n{nav}",
+                     this_run=False)
 
 
 def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE_SIZE) -> str:
