@@ -170,7 +170,8 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
             chunk_size: int | None = None, verbose: bool = False,
             gcp_credentials_block: str | None = None,
             result_storage: str | None = None,
-            shared_filesystem: bool = False) -> tuple[int, RunReport | None]:
+            shared_filesystem: bool = False,
+            why: str | None = None) -> tuple[int, RunReport | None]:
     """Run the flow in this process with a progress bar; returns (exit status, report)."""
     from pixelmill.layout import check_run_name
 
@@ -190,7 +191,7 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
                     for uri in (source, dest))
     info = _prepare_prefect(verbose)
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    why = f"--runner {runner}"
+    why = why or f"--runner {runner}"
     if runner == "auto" and ray_address:
         runner, why = "ray", "auto: a Ray address was given"
     job_env = None
@@ -475,7 +476,9 @@ def demo(
             console.print(f"made {count} sample photos in {samples}")
         spec = _spec("400x300", "contain", list(DEMO_FILTERS), "jpeg", 85)
         code, report = execute(str(samples), str(dest / "runs"), spec, runner=runner,
-                               verbose=verbose)
+                               verbose=verbose,
+                               why=None if runner != "ray" else
+                               "the demo's default: each stage tagged with its resources")
         if report is not None:
             index = dest / "runs" / report.run / "gallery" / "index.html"
             out.print(f"open the gallery: file://{index.absolute()}")

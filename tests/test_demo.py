@@ -33,6 +33,9 @@ def test_make_demo_builds_the_gallery_with_its_own_server(tmp_path):
         page = (runs[0] / "gallery/index.html").read_text()
         assert len(re.findall(r'<figure id="f\d+" class="ok">', page)) == report["counts"]["ok"]
         assert f"file://{runs[0]}/gallery/index.html" in result.stdout
+        # the demo shows the Ray runner with its resource-tagged stages, and says so
+        assert "runner: ray (the demo's default" in result.stdout
+        assert report["runner"]["name"] == "ray"
         # the embedded server is still up for the UI, and the README's stop command ends it
         status = subprocess.run([str(ROOT / ".venv/bin/pixelmill"), "server", "status"],
                                 env=env, capture_output=True, text=True, timeout=60)
