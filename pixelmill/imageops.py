@@ -11,7 +11,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pixelmill.errors import ImageError
 from pixelmill.filters import apply_filter, filter_folder
@@ -94,6 +94,18 @@ def _too_big(pixels: int, what: str = "") -> str:
             "(a decompression bomb or a scan too large to resize)")
 
 
+_OBJECT = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _reason(exc: Exception) -> str:
+    """A decoder's error as a reason for the report: Pillow names the file object it was
+    given ("cannot identify image file <_io.BytesIO object at 0x7f...>"), which tells a user
+    nothing; it is left out."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "its contents are not a picture Pillow can read (damaged, or another format)"
+    return _OBJECT.sub("the data", str(exc)).strip() or type(exc).__name__
+
+
 def open_image(data: bytes) -> Opened:
     """Open image bytes after sniffing them; refuse bombs before any pixel is decoded."""
     fmt = sniff(data[:SNIFF_BYTES])
@@ -110,7 +122,7 @@ def open_image(data: bytes) -> Opened:
         pixels = int(declared[1]) if declared else MAX_PIXELS + 1
         raise ImageError(_too_big(pixels)) from None
     except Exception as exc:  # Pillow raises many types for a bad header
-        raise ImageError(f"cannot read {fmt} header: {exc}") from None
+        raise ImageError(f"cannot read {fmt} header: {_reason(exc)}") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageError(_too_big(width * height, f"{width}x{height} is "))
@@ -231,7 +243,7 @@ def resize_image(
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(f"cannot decode {image.format or 'image'}: {exc}") from None
+        raise ImageError(f"cannot decode {image.format or 'image'}: {_reason(exc)}") from None
     box = _cover_box(upright.size, out) if fit == "cover" else None
     if upright.size == out and box is None:
         return upright.copy()
@@ -301,7 +313,7 @@ def render_resized(data: bytes, spec: PipelineSpec) -> Rendered:
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(f"cannot decode {opened.format}: {exc}") from None
+        raise ImageError(f"cannot decode {opened.format}: {_reason(exc)}") from None
     resized.info["icc_profile"] = icc
     return Rendered(encoded, resized.width, resized.height, resized, opened.notes)
 
@@ -321,6 +333,6 @@ def decode(data: bytes) -> Image.Image:
     try:
         image = to_working_mode(ImageOps.exif_transpose(opened.image))
     except Exception as exc:
-        raise ImageError(f"cannot decode {opened.format}: {exc}") from None
+        raise ImageError(f"cannot decode {opened.format}: {_reason(exc)}") from None
     image.info["icc_profile"] = opened.image.info.get("icc_profile")
     return image

@@ -515,3 +515,18 @@ def test_pipeline_spec_normalises_filters_and_size():
     spec = PipelineSpec(size="200x100", filters=["Blur", "gaussian-blur:3.0", "blur"])
     assert spec.size == (200, 100)
     assert spec.filters == ("blur", "gaussian-blur:3")
+
+
+@pytest.mark.parametrize(("data", "fmt"), [
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 200, "PNG"),
+    (b"GIF89a" + b"\x01" * 100, "GIF"),
+    (b"II*\x00" + b"\x00" * 100, "TIFF"),
+])
+def test_a_damaged_header_is_a_reason_not_a_python_object(data, fmt):
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" names its file
+    object; the report says what is wrong with the file instead."""
+    with pytest.raises(ImageError) as caught:
+        render_resized(data, PipelineSpec())
+    reason = str(caught.value)
+    assert reason.startswith(f"cannot read {fmt} header: ") and "object at 0x" not in reason
+    assert "not a picture Pillow can read" in reason
