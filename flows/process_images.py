@@ -22,7 +22,6 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.utilities.annotations import quote
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from pixelmill import progress, summary

@@ -11,8 +11,10 @@ from typing import Any, Callable, Iterable
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.engine import collect_task_run_inputs_sync
+from prefect_ray import RayTaskRunner
 
 from pixelmill.spec import CROSSOVER_IMAGES, auto_runner
+
 
 class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
     """Runs a flow's tasks on threads or on Ray, whichever `choose` picks.
@@ -88,8 +90,6 @@ class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
 
 def runner_name(runner: TaskRunner | None) -> str:
     """A task runner as `--runner` names it: ray, threads, processes or sequential."""
-    from prefect.task_runners import ProcessPoolTaskRunner
-    from prefect_ray import RayTaskRunner
 
     if isinstance(runner, AutoTaskRunner):
         return runner_name(runner.chosen) if runner.chosen else "auto"

@@ -165,14 +165,11 @@ def _local_ray() -> tuple[str, dict[str, str]]:
     return info.address, localray.job_env()
 
 
-def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
-            ray_address: str | None = None, run_name: str | None = None,
-            chunk_size: int | None = None, verbose: bool = False,
-            gcp_credentials_block: str | None = None,
-            result_storage: str | None = None,
-            shared_filesystem: bool = False,
-            why: str | None = None) -> tuple[int, RunReport | None]:
-    """Run the flow in this process with a progress bar; returns (exit status, report)."""
+def _checked(source: str, dest: str, runner: str, run_name: str | None,
+             chunk_size: int | None, gcp_credentials_block: str | None) -> tuple[str, str]:
+    """A run's arguments checked before anything starts (exit 2 otherwise); returns SOURCE
+    and DEST with local paths made absolute: Ray workers do not share this shell's working
+    directory (pixelmill's long-lived local Ray runs them in its own folder)."""
     from pixelmill.layout import check_run_name
 
     check_runner(runner)
@@ -185,15 +182,31 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
         check_run_name(run_name)
     if chunk_size is not None and chunk_size < 1:
         raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
-    # Ray workers do not share this shell's working directory (pixelmill's long-lived local
-    # Ray runs them in its own folder): local paths go to the flow absolute.
     source, dest = (uri if not uri or "://" in uri else str(Path(uri).absolute())
                     for uri in (source, dest))
+    return source, dest
+
+
+def _with_address(runner: str, ray_address: str | None,
+                  why: str | None = None) -> tuple[str, str]:
+    """(runner, why it runs): `auto` given a Ray address is Ray; otherwise as asked."""
+    if runner == "auto" and ray_address:
+        return "ray", "auto: a Ray address was given"
+    return runner, why or f"--runner {runner}"
+
+
+def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
+            ray_address: str | None = None, run_name: str | None = None,
+            chunk_size: int | None = None, verbose: bool = False,
+            gcp_credentials_block: str | None = None,
+            result_storage: str | None = None,
+            shared_filesystem: bool = False,
+            why: str | None = None) -> tuple[int, RunReport | None]:
+    """Run the flow in this process with a progress bar; returns (exit status, report)."""
+    source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block)
     info = _prepare_prefect(verbose)
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    why = why or f"--runner {runner}"
-    if runner == "auto" and ray_address:
-        runner, why = "ray", "auto: a Ray address was given"
+    runner, why = _with_address(runner, ray_address, why)
     job_env = None
     if runner == "ray" and not ray_address:
         ray_address, job_env = _local_ray()
@@ -275,19 +288,11 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     printed; nothing is written and no server or Ray is started (Prefect only to load a
     credentials block)."""
     from pixelmill import pipeline
-    from pixelmill.layout import check_run_name, run_stamp
+    from pixelmill.layout import run_stamp
     from pixelmill.models import Job
     from pixelmill.spec import auto_runner
 
-    check_runner(runner)
-    if run_name:
-        check_run_name(run_name)
-    if chunk_size is not None and chunk_size < 1:
-        raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
-    if not gcp_credentials_block:
-        preflight.check_source(source, dest)
-        preflight.check_destination(dest)
-    source, dest = (uri if "://" in uri else str(Path(uri).absolute()) for uri in (source, dest))
+    source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block)
     job = Job(source=source, destination=dest, run=run_name or run_stamp(), spec=spec,
               gcp_credentials_block=gcp_credentials_block)
     if gcp_credentials_block:
@@ -300,10 +305,8 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     plan = pipeline.discover(*storages, job, chunk_size, os.cpu_count() or 1,
                              write_manifest=False)
     to_make = sum(len(chunk.items) for chunk in plan.chunks)
-    why = f"--runner {runner}"
-    if runner == "auto" and ray_address:
-        runner, why = "ray", "auto: a Ray address was given"
-    elif runner == "auto":
+    runner, why = _with_address(runner, ray_address)
+    if runner == "auto":
         runner, reason = auto_runner(to_make)
         why = f"auto: {reason}"
     folder = dest.rstrip("/") + f"/{job.run}"

@@ -32,3 +32,10 @@ def make_source(folder: Path) -> Path:
     (folder / "garden" / "fake.jpg").write_bytes(b"%PDF-1.4\n% not a photo\n")
     (folder / "notes.txt").write_text("not an image, not named like one\n")
     return folder
+
+
+def block_the_garden_folder(dest: Path, run: str) -> None:
+    """A file where run `run`'s resized/garden folder must go: the chunks of garden/c.jpg and
+    garden/deep/d.jpg fail for good (a destination problem), every other chunk is fine."""
+    (dest / run / "resized").mkdir(parents=True)
+    (dest / run / "resized" / "garden").write_text("a file where a folder must go")

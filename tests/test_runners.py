@@ -13,7 +13,7 @@ from PIL import Image
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pixelmill.spec import PipelineSpec
-from tests.corpus import BAD, GOOD, make_source
+from tests.corpus import BAD, GOOD, block_the_garden_folder, make_source
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +121,7 @@ def test_a_chunk_that_fails_for_good_is_retried_then_fails_only_itself(name, tmp
                         module.resize_chunk.with_options(retries=1, retry_delay_seconds=0))
     source = make_source(tmp_path / "src")
     dest = tmp_path / "dest"
-    (dest / "iso/resized").mkdir(parents=True)
-    (dest / "iso/resized/garden").write_text("a file where a folder must go")
+    block_the_garden_folder(dest, "iso")
     state = module.process_images.with_options(task_runner=_runner(name))(
         source=str(source), destination=str(dest), spec=PipelineSpec(size=(100, 100)),
         run_name="iso", chunk_size=1, return_state=True)
