@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -154,7 +156,7 @@ class LocalStorage:
 
     def _write_temp(self, path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}"[:255])
+        temp = path.with_name(f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}-{path.name}"[:255])
         try:
             with temp.open("wb") as handle:
                 handle.write(data)
@@ -208,14 +210,15 @@ class LocalStorage:
     def tidy(self, prefix: str) -> int:
         """Delete temp files killed writers left under `prefix` and fold its older metadata
         journals into one (entries of files that changed since are dropped); returns how
-        many files went. Anything younger than TIDY_AFTER_S is left alone."""
+        many files went. Anything younger than TIDY_AFTER_S is left alone, except a temp file
+        whose writer was a process of this machine that is gone."""
         base = self._path(prefix)
         if not base.is_dir():
             return 0
         cutoff = time.time() - TIDY_AFTER_S
         removed = 0
         for path in base.rglob(f"{TEMP_PREFIX}*"):
-            if _older(path, cutoff):
+            if _older(path, cutoff) or _writer_gone(path.name):
                 path.unlink(missing_ok=True)
                 removed += 1
         for folder in base.rglob(META_DIR):
@@ -238,6 +241,26 @@ class LocalStorage:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+# Temp files name their writer, "<host>.<pid>.", so that one left by a killed process of this
+# machine is removed by the next run at once, not after TIDY_AFTER_S.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+
+
+def _writer_gone(name: str) -> bool:
+    """A temp file's writer was a process of this host that no longer runs."""
+    host, _, rest = name[len(TEMP_PREFIX):].partition(".")
+    pid, _, _ = rest.partition(".")
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _older(path: Path, cutoff: float) -> bool:

@@ -16,7 +16,7 @@ from pixelmill.errors import UsageError
 from pixelmill.models import ImageResult, Job
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec
-from pixelmill.storage import META_DIR, TEMP_PREFIX, LocalStorage
+from pixelmill.storage import _HOST, META_DIR, TEMP_PREFIX, LocalStorage
 from tests.helpers import encode
 
 RUN = "r"
@@ -99,6 +99,22 @@ def test_tidy_merges_old_journals_and_keeps_young_files(tmp_path):
     assert not old_temp.exists() and young_temp.exists()  # another writer may own it
     assert len(list((tmp_path / "run" / META_DIR).glob("*.jsonl"))) == 1
     assert {info.key: info.metadata for info in store.list("run/")} == before
+
+
+def test_a_temp_file_of_a_killed_writer_on_this_machine_goes_at_once(tmp_path):
+    """A writer killed mid-write leaves its temp file; the next run's tidy removes it at once
+    when its writer (named in the file) was a process of this machine that is gone, and
+    leaves a live writer's alone, however old."""
+    store = LocalStorage(tmp_path)
+    store.write("run/a.jpg", b"x", "image/jpeg")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = tmp_path / "run" / f"{TEMP_PREFIX}{_HOST}.{dead}.abc-b.jpg"
+    alive = tmp_path / "run" / f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.abc-c.jpg"
+    for path in (killed, alive):
+        path.write_bytes(b"half")
+    store.tidy("run")  # both are young: only the dead writer's goes
+    assert not killed.exists() and alive.exists()
 
 
 def test_a_second_run_keeps_everything_and_reports_it_kept(setup):
