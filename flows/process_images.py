@@ -279,7 +279,6 @@ def process_images(
     """
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat()
-    logger = get_run_logger()
     shard_index, shard_count = _shard(shard_index, shard_count)
     run = check_run_name(run_name) if run_name else _default_run_name(shard_count)
     job = Job(source=source, destination=destination, run=run, spec=spec,

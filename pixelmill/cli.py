@@ -204,7 +204,7 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
             why: str | None = None) -> tuple[int, RunReport | None]:
     """Run the flow in this process with a progress bar; returns (exit status, report)."""
     source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block)
-    info = _prepare_prefect(verbose)
+    _prepare_prefect(verbose)
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     runner, why = _with_address(runner, ray_address, why)
     job_env = None
@@ -390,7 +390,7 @@ def _summary(report: RunReport, elapsed: float, why: str = "") -> None:
         out.print(f"  [red]failed[/red] {image.source}: {image.error}", markup=True,
                   highlight=False)
     if len(report.failures) > 10:
-        out.print(f"  ... and {len(report.failures) - 10} more in report.json")
+        out.print(f"  ... and {len(report.failures) - 10} more in {report.images_file}")
     out.print(f"gallery: {gallery}")
 
 

@@ -1,4 +1,4 @@
-"""The gallery of a run: gallery/index.html, contact sheet JPEGs and report.json."""
+"""The gallery of a run: gallery/index.html, contact sheet JPEGs, report.json and images.jsonl."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont
 
 from pixelmill import provenance
-from pixelmill.models import Chunk, ImageResult, Job, RunReport
+from pixelmill.models import IMAGES_FILE, Chunk, ImageResult, Job, RunReport
 from pixelmill.overlap import threaded_map
 from pixelmill.storage import Storage
 
@@ -289,7 +289,8 @@ def render_index(report: RunReport, sheets: list[str], page_size: int = PAGE_SIZ
     )
     header = (f'<div>contact sheets: {sheet_links or "none"} · <a href="../'
               f'{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">'
-              "report.json</a></div>")
+              f'report.json</a> · <a href="../{_text(quote(report.images_file))}">'
+              f"{_text(report.images_file)}</a></div>")
     pages = _pages(shown, page_size)
     if not pages:
         images = _images_html(shown, 0)
@@ -318,7 +319,8 @@ def render_page(report: RunReport, number: int, count: int, offset: int,
 
 
 def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE_SIZE) -> str:
-    """Write contact sheets, the pages, index.html and (last) report.json; returns the index
+    """Write contact sheets, the pages, index.html, images.jsonl and (last) report.json;
+    returns the index
     key. A page or sheet already there with the same content (its stamp) is not rewritten;
     pages beyond the count go. Leftovers of writers killed in earlier runs (a worker lost to
     the OOM killer) go first."""
@@ -340,6 +342,9 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),
                       "text/html; charset=utf-8")
+    # the records first: report.json, written last, names them
+    destination.write(report.job.run_file(IMAGES_FILE), report.to_jsonl().encode("utf-8"),
+                      "application/x-ndjson")
     destination.write(report.job.run_file("report.json"),
                       report.to_json().encode("utf-8"),
                       "application/json")

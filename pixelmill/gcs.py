@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 
@@ -19,7 +18,7 @@ from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage.retry import _should_retry
 
-from pixelmill.errors import StorageAccessError, UsageError
+from pixelmill.errors import StorageAccessError
 from pixelmill.storage import ObjectInfo, emulator_host, safe_key, split_uri  # noqa: F401
 
 log = logging.getLogger("pixelmill.gcs")

@@ -9,7 +9,7 @@ from pixelmill.storage import emulator_host, split_uri
 from pixelmill.models import RunReport
 from pixelmill.storage import is_gcs
 
-# Rows in the failures table artifact; the full list is always in report.json.
+# Rows in the failures table artifact; every failure is in the run's images.jsonl.
 MAX_FAILURE_ROWS = 500
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import struct
 import zlib
+from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw, ImageStat
 
@@ -122,3 +124,31 @@ def png_declaring(width: int, height: int) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
         + png_chunk(b"IEND", b"")
     )
+
+
+def _with_images(report: dict, records: bytes) -> dict:
+    """`report` with its per-image records (images.jsonl) under "images", checked against the
+    contract: one record a line sorted by source, and the failed ones repeated in
+    report.json's "failures"."""
+    lines = records.decode("utf-8").splitlines()
+    images = [json.loads(line) for line in lines]
+    assert [image["source"] for image in images] == sorted(image["source"] for image in images)
+    failed = [image for image in images if image["status"] == "failed"]
+    assert report["failures"] == failed[: len(report["failures"])]
+    assert len(report["failures"]) == min(len(failed), 1000)
+    assert len(images) == sum(report["counts"][k] for k in ("ok", "failed", "skipped"))
+    return {**report, "images": images}
+
+
+def load_report(path: Path) -> dict:
+    """A local run's report.json (`path`) with its per-image records under "images"."""
+    report = json.loads(path.read_text())
+    return _with_images(report, (path.parent / report["images_file"]).read_bytes())
+
+
+def load_report_blob(bucket, name: str) -> dict:
+    """The same for a report in a bucket (a google.cloud.storage Bucket)."""
+    report = json.loads(bucket.blob(name).download_as_bytes())
+    folder = name.rpartition("/")[0]
+    return _with_images(report, bucket.blob(f"{folder}/{report['images_file']}")
+                        .download_as_bytes())

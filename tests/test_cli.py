@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.corpus import BAD, GOOD, make_source
+from tests.helpers import load_report
 
 PIXELMILL = str(Path(sys.executable).with_name("pixelmill"))
 
@@ -31,7 +31,7 @@ def test_run_with_a_corrupt_file_exits_1_and_reports_it(tmp_path, prefect_api):
     assert result.returncode == 1, result.stderr
     # the default runner chose threads for 9 images on one machine, and says so
     assert "runner: threads (auto: 9 images to make on one machine" in result.stdout
-    report = json.loads((dest / "cli/report.json").read_text())
+    report = load_report(dest / "cli/report.json")
     assert report["counts"]["ok"] == len(GOOD)
     failed = {e["source"]: e["error"] for e in report["images"] if e["status"] == "failed"}
     assert set(failed) == set(BAD)

@@ -4,7 +4,6 @@ refused up front instead of waiting forever."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
+from tests.helpers import load_report
 from tests.test_cli import PIXELMILL
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def test_local_paths_on_a_cluster_of_two_nodes_are_refused_unless_shared(tmp_pat
     shared = subprocess.run([*command, "--shared-filesystem"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert shared.returncode == 0, shared.stdout[-2000:] + shared.stderr[-2000:]
-    report = json.loads((tmp_path / "dst/c/report.json").read_text())
+    report = load_report(tmp_path / "dst/c/report.json")
     assert report["counts"]["ok"] == 3
 
 

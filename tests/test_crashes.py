@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from PIL import Image
 from pixelmill.samples import jpeg_bytes, photo
 from pixelmill.spec import PipelineSpec
 from tests.test_cli import PIXELMILL
+from tests.helpers import load_report
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_a_ray_worker_killed_mid_chunk_loses_nothing(tmp_path, ray_cluster):
     [state] = states
     assert state.is_completed(), state.message
     run = tmp_path / "dst/k"
-    report = json.loads((run / "report.json").read_text())
+    report = load_report(run / "report.json")
     assert report["counts"]["ok"] == 12
     for entry in report["images"]:
         for path in entry["outputs"].values():
@@ -103,7 +103,7 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command(tmp_path, prefec
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    report = json.loads((tmp_path / "dst/r/report.json").read_text())
+    report = load_report(tmp_path / "dst/r/report.json")
     assert report["counts"]["skipped"] >= 6  # finished chunks were reused, not redone
     assert report["counts"]["ok"] + report["counts"]["skipped"] == 24
     assert report["counts"]["failed"] == 0
@@ -124,7 +124,7 @@ def test_same_command_twice_writes_nothing_new_and_changes_redo_only_what_they_a
     def run(*extra: str) -> dict:
         result = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
-        return json.loads((tmp_path / "dst/i/report.json").read_text())
+        return load_report(tmp_path / "dst/i/report.json")
 
     def mtimes() -> dict[str, int]:
         return {p.relative_to(tmp_path / "dst/i").as_posix(): p.stat().st_mtime_ns

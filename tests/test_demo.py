@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import os
 import subprocess
@@ -10,6 +9,7 @@ import subprocess
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import load_report
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_make_demo_builds_the_gallery_with_its_own_server(tmp_path):
         assert "Prefect UI: http://127.0.0.1:" in result.stderr
         runs = list((dest / "runs").iterdir())
         assert len(runs) == 1
-        report = json.loads((runs[0] / "report.json").read_text())
+        report = load_report(runs[0] / "report.json")
         assert report["counts"]["discovered"] >= 24
         assert report["counts"]["ok"] == report["counts"]["discovered"]
         assert report["spec"]["filters"] == ["blur", "sharpen", "contour", "emboss"]

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

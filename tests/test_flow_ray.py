@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from pixelmill.spec import PipelineSpec, StageResources
 from tests.corpus import BAD, GOOD, block_the_garden_folder, make_source
+from tests.helpers import load_report
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ def ray_run(tmp_path_factory, ray_cluster):
 def test_flow_completes_and_writes_every_output(ray_run):
     state, run = ray_run
     assert state.is_completed(), state.message
-    report = json.loads((run / "report.json").read_text())
+    report = load_report(run / "report.json")
     assert report["counts"] == {"discovered": 9, "ok": 7, "failed": 2, "skipped": 0}
     by_source = {entry["source"]: entry for entry in report["images"]}
     assert set(by_source) == set(GOOD) | set(BAD)
@@ -58,7 +57,7 @@ def test_flow_completes_and_writes_every_output(ray_run):
 
 def test_bad_files_are_reported_not_fatal(ray_run):
     _, run = ray_run
-    report = json.loads((run / "report.json").read_text())
+    report = load_report(run / "report.json")
     failed = {e["source"]: e["error"] for e in report["images"] if e["status"] == "failed"}
     assert set(failed) == set(BAD)
     assert "PDF" in failed["garden/fake.jpg"]
@@ -72,7 +71,7 @@ def test_bad_files_are_reported_not_fatal(ray_run):
 
 def test_gpu_tagged_stage_ran_with_the_logical_gpu(ray_run):
     _, run = ray_run
-    chunks = json.loads((run / "report.json").read_text())["chunks"]
+    chunks = load_report(run / "report.json")["chunks"]
     assert len(chunks) >= 2
     for chunk in chunks:
         assert chunk["resources"]["filter"].get("GPU") == 1.0, chunk
@@ -121,7 +120,7 @@ def test_a_chunk_that_fails_for_good_fails_only_itself(tmp_path, ray_cluster, mo
         run_name="iso", chunk_size=1, return_state=True,
     )
     assert state.is_failed()
-    report = json.loads((dest / "iso/report.json").read_text())
+    report = load_report(dest / "iso/report.json")
     by_source = {entry["source"]: entry for entry in report["images"]}
     for key in GOOD:
         if key.startswith("garden/"):

@@ -126,7 +126,7 @@ def test_build_gallery_writes_page_sheet_and_report(report, dest):
     assert index_key == f"{RUN}/gallery/index.html"
     files = {info.key for info in dest.list()}
     assert {f"{RUN}/gallery/index.html", f"{RUN}/gallery/contact-sheet-01.jpg",
-            f"{RUN}/report.json"} <= files
+            f"{RUN}/report.json", f"{RUN}/images.jsonl"} <= files
     assert f"{RUN}/gallery/contact-sheet-02.jpg" not in files
 
     sheet = decode(dest.read(f"{RUN}/gallery/contact-sheet-01.jpg"))
@@ -154,7 +154,9 @@ def test_every_gallery_link_resolves_to_a_written_file(report, dest):
 def test_report_json_follows_the_contract(report, dest):
     build_gallery(report, dest)
     data = json.loads(dest.read(f"{RUN}/report.json"))
-    assert {"run", "source", "destination", "spec", "counts", "images", "duration_s"} <= set(data)
+    assert {"run", "source", "destination", "spec", "counts", "images_file", "failures",
+            "duration_s"} <= set(data)
+    assert "images" not in data  # the records are in images.jsonl, so the report stays small
     assert data["run"] == RUN and data["source"] == "/photos" and data["destination"] == dest.uri
     spec = data["spec"]
     assert {"size", "fit", "filters", "format", "quality"} <= set(spec)
@@ -162,30 +164,62 @@ def test_report_json_follows_the_contract(report, dest):
     assert spec["format"] == "jpeg" and spec["quality"] == 85
     assert data["counts"] == {"discovered": 4, "ok": 2, "failed": 1, "skipped": 1}
     assert data["duration_s"] == 1.235
+    assert data["images_file"] == "images.jsonl"
+    failure = {"source": "broken<b>.jpg", "status": "failed",
+               "error": "cannot decode JPEG: image file is truncated"}
+    assert data["failures"] == [failure]
 
-    by_source = {entry["source"]: entry for entry in data["images"]}
-    assert [entry["source"] for entry in data["images"]] == sorted(by_source)
+    lines = dest.read(f"{RUN}/images.jsonl").decode("utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    by_source = {entry["source"]: entry for entry in records}
+    assert [entry["source"] for entry in records] == sorted(by_source) and len(records) == 4
     ok = by_source[HOSTILE]
     assert ok == {"source": HOSTILE, "status": "ok", "width": 40, "height": 30,
                   "outputs": {"resized": f"resized/{HOSTILE}", "blur": f"blur/{HOSTILE}"}}
     for path in ok["outputs"].values():  # output paths are relative to the run folder
         assert dest.exists(f"{RUN}/{path}")
-    assert by_source["broken<b>.jpg"] == {"source": "broken<b>.jpg", "status": "failed",
-                                          "error": "cannot decode JPEG: image file is truncated"}
+    assert by_source["broken<b>.jpg"] == failure
     assert by_source[KEPT] == {"source": KEPT, "status": "skipped", "width": 40, "height": 30,
                                "outputs": {"resized": f"resized/{KEPT}"}}
 
 
-def test_report_json_is_the_whole_report_with_one_line_per_image(report, dest):
+def test_report_json_is_the_summary_with_one_line_per_failure(report, dest):
     build_gallery(report, dest)
     text = dest.read(f"{RUN}/report.json").decode("utf-8")
     assert json.loads(text) == json.loads(json.dumps(report.to_json_dict()))
     lines = text.splitlines()
-    for image in report.images:  # each image is one line, readable and greppable
+    for image in report.failures:  # each failure is one line, readable and greppable
         entry = json.dumps(image.report_entry(), separators=(", ", ": "))
         assert sum(line.strip().rstrip(",") == entry for line in lines) == 1, entry
     empty = RunReport.build(report.job, 0, [], 0.5)
     assert json.loads(empty.to_json()) == json.loads(json.dumps(empty.to_json_dict()))
+    assert empty.to_jsonl() == ""
+
+
+def test_a_report_of_many_failures_keeps_the_first_thousand_and_the_total(dest):
+    job = Job(source="/photos", destination=dest.uri, run="bad")
+    images = [ImageResult(source=f"f{number:05d}.jpg", status="failed", error="truncated")
+              for number in range(1500)]
+    images.append(ImageResult(source="ok.jpg", status="ok", width=4, height=3,
+                              outputs={"resized": "resized/ok.jpg"}))
+    report = RunReport.build(job, 1501, images, 2.0)
+    data = json.loads(report.to_json())
+    assert data["counts"]["failed"] == 1500
+    assert [entry["source"] for entry in data["failures"]] == \
+        [f"f{number:05d}.jpg" for number in range(1000)]
+    records = [json.loads(line) for line in report.to_jsonl().splitlines()]
+    assert len(records) == 1501 and sum(r["status"] == "failed" for r in records) == 1500
+
+
+def test_a_shards_records_have_a_file_of_their_own(dest):
+    job = Job(source="/photos", destination=dest.uri, run="s", shard_index=1, shard_count=3)
+    report = RunReport.build(job, 1, [ImageResult(source="a.jpg", status="failed",
+                                                  error="truncated")], 1.0)
+    build_gallery(report, dest)
+    data = json.loads(dest.read("s/report-shard-1-of-3.json"))
+    assert data["images_file"] == "images-shard-1-of-3.jsonl"
+    assert json.loads(dest.read("s/images-shard-1-of-3.jsonl")) == data["failures"][0]
+    assert not dest.exists("s/images.jsonl")
 
 
 def test_missing_resized_file_does_not_break_the_gallery(report, dest):

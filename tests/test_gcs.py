@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ from PIL import Image
 from pixelmill.samples import jpeg_bytes, photo
 from pixelmill.spec import PipelineSpec
 from tests.corpus import GOOD
+from tests.helpers import load_report_blob
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_flow_on_ray_from_one_bucket_to_another(gcs, ray_cluster):
     )
     assert state.is_completed(), state.message
     found = objects(dst, "out/g1/")
-    report = json.loads(found["out/g1/report.json"].download_as_bytes())
+    report = load_report_blob(dst, "out/g1/report.json")
     assert found["out/g1/report.json"].content_type == "application/json"
     assert found["out/g1/gallery/index.html"].content_type.startswith("text/html")
     assert found["out/g1/manifest.json"].content_type == "application/json"
@@ -105,7 +105,7 @@ def test_transient_faults_are_retried_and_the_run_completes(gcs, prefect_api):
     assert all(gcs.injected[mode] >= 3 for mode in ("503", "drop", "drop-after")), gcs.injected
     gcs.every = 0
     found = objects(dst, "f1/")
-    report = json.loads(found["f1/report.json"].download_as_bytes())
+    report = load_report_blob(dst, "f1/report.json")
     assert report["counts"]["ok"] == len(GOOD)
     for entry in report["images"]:
         for path in entry.get("outputs", {}).values():
@@ -315,7 +315,7 @@ def test_gcs_rerun_keeps_what_the_bucket_holds_and_remakes_exactly_what_it_lost(
     now = {name: blob.generation for name, blob in objects(dst, "k/").items() if name in made}
     assert set(now) == set(made)
     assert sorted(name for name in made if now[name] != made[name]) == sorted(gone)
-    report = json.loads(dst.blob("k/report.json").download_as_bytes())
+    report = load_report_blob(dst, "k/report.json")
     assert len([e for e in report["images"] if e["status"] != "failed"]) == len(GOOD)
 
 

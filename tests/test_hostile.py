@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.hostile import GCS_ONLY, KINDS, XSS, build, expected
+from tests.helpers import load_report, load_report_blob
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_hostile_corpus_is_processed_or_reported(hostile_run):
     assert len(KINDS) >= 25
     result, dest = hostile_run["result"], hostile_run["dest"]
     assert result.returncode == 1, result.stderr
-    report = json.loads((dest / "h/report.json").read_text())
+    report = load_report(dest / "h/report.json")
     check_report(report, KINDS)
     failed = sum(expected(outcome)[0] == "failed" for _, outcome in KINDS.values())
     assert report["counts"] == {"discovered": len(KINDS), "ok": len(KINDS) - failed,
@@ -84,7 +84,7 @@ def test_gallery_in_a_real_browser(hostile_run, artifacts_dir):
     from playwright.sync_api import sync_playwright
 
     index = hostile_run["dest"] / "h/gallery/index.html"
-    report = json.loads((hostile_run["dest"] / "h/report.json").read_text())
+    report = load_report(hostile_run["dest"] / "h/report.json")
     ok = [entry for entry in report["images"] if entry["status"] == "ok"]
     problems: list[str] = []
     with sync_playwright() as playwright:
@@ -131,7 +131,7 @@ def test_a_paged_gallery_in_a_real_browser(hostile_run):
 
     dest = hostile_run["dest"]
     original = (dest / "h/report.json").read_bytes()
-    data = json.loads(original)
+    data = load_report(dest / "h/report.json")
     job = Job(source=data["source"], destination=data["destination"], run=data["run"],
               spec=PipelineSpec(**data["spec"]))
     report = RunReport.build(job, data["counts"]["discovered"],
@@ -189,7 +189,7 @@ def test_hostile_keys_in_a_bucket_stay_inside_the_destination(gcs, prefect_api):
     names = [blob.name for blob in gcs.client.list_blobs(dst.name)]
     assert names and all(name.startswith("out/h/") for name in names), names
     assert not any(".." in name.split("/") or "//" in name for name in names), names
-    report = json.loads(dst.blob("out/h/report.json").download_as_bytes())
+    report = load_report_blob(dst, "out/h/report.json")
     entries = {entry["source"]: entry for entry in report["images"]}
     for key in GCS_ONLY:
         entry = entries[key]

@@ -15,6 +15,7 @@ from PIL import Image
 from pixelmill import localray
 from pixelmill.server import alive
 from tests.conftest import ROOT
+from tests.helpers import load_report
 
 pytestmark = pytest.mark.slow
 PIXELMILL = str(ROOT / ".venv/bin/pixelmill")
@@ -61,7 +62,7 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
         assert "started a local cluster" not in second.stderr
         assert json.loads((home / "ray.json").read_text())["pid"] == info["pid"]
         for name in ("one", "two"):
-            report = json.loads((tmp_path / f"dst/{name}/report.json").read_text())
+            report = load_report(tmp_path / f"dst/{name}/report.json")
             assert report["counts"]["ok"] == 4, report["images"]
 
         # workers see the submitting command's variables, not those of the command that
@@ -81,8 +82,8 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
         assert module.returncode == 0, said[-3000:]
         assert f"Using pixelmill's local Ray at {info['address']}" in said, said[-3000:]
         assert "Connecting to an existing Ray instance at local" not in said
-        assert json.loads((tmp_path / "dst3" / next(iter(os.listdir(tmp_path / "dst3")))
-                           / "report.json").read_text())["counts"]["ok"] == 4
+        assert load_report(tmp_path / "dst3" / next(iter(os.listdir(tmp_path / "dst3")))
+                           / "report.json")["counts"]["ok"] == 4
 
         status = subprocess.run([PIXELMILL, "server", "status"], env=env, capture_output=True,
                                 text=True, timeout=60)

@@ -4,7 +4,6 @@ default (minute-stamped) run folder in use moves on to the next free name instea
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from tests.test_cli import PIXELMILL
 from tests.test_crashes import make_photos as make_crash_photos
+from tests.helpers import load_report, load_report_blob
 
 pytestmark = pytest.mark.slow
 IMAGES = 30
@@ -66,7 +66,7 @@ def test_two_commands_into_one_local_run_folder(tmp_path, prefect_api):
     [(_, _, refusal)] = [outcome for outcome in outcomes if outcome[0] == 2]
     assert f"run folder {dest / 'same'} is in use by flow run" in refusal, refusal
     assert "Traceback" not in refusal
-    check_whole_run(json.loads((dest / "same/report.json").read_text()))
+    check_whole_run(load_report(dest / "same/report.json"))
     assert not (dest / "same/.pixelmill-lock.json").exists()  # released at the end
     page = (dest / "same/gallery/index.html").read_text()
     assert f"Images ({IMAGES})" in page
@@ -80,7 +80,7 @@ def test_two_commands_into_one_gcs_run_folder(tmp_path, gcs, prefect_api):
     assert [code for code, _, _ in outcomes] == [0, 2], outcomes
     [(_, _, refusal)] = [outcome for outcome in outcomes if outcome[0] == 2]
     assert f"run folder gs://{bucket.name}/out/same is in use by flow run" in refusal, refusal
-    report = json.loads(bucket.blob("out/same/report.json").download_as_bytes())
+    report = load_report_blob(bucket, "out/same/report.json")
     check_whole_run(report)
     assert bucket.get_blob("out/same/.pixelmill-lock.json") is None
 
@@ -95,6 +95,6 @@ def test_two_commands_with_the_default_run_folder_get_one_each(tmp_path, prefect
     # the same minute gives STAMP and STAMP-2; across a minute boundary two stamps
     assert len(runs) == 2, runs
     for run in runs:
-        report = json.loads((dest / run / "report.json").read_text())
+        report = load_report(dest / run / "report.json")
         assert report["run"] == run
         assert report["counts"]["ok"] + report["counts"]["skipped"] == IMAGES

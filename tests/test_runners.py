@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pixelmill.spec import PipelineSpec
 from tests.corpus import BAD, GOOD, block_the_garden_folder, make_source
+from tests.helpers import load_report
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def runner_run(request, tmp_path_factory, prefect_api):
     for _ in range(2):
         states.append(flow(source=str(source), destination=str(dest), spec=SPEC, run_name="r",
                            chunk_size=3, return_state=True))
-        reports.append(json.loads((run / "report.json").read_text()))
+        reports.append(load_report(run / "report.json"))
     return request.param, states, reports, run
 
 
@@ -126,7 +127,7 @@ def test_a_chunk_that_fails_for_good_is_retried_then_fails_only_itself(name, tmp
         source=str(source), destination=str(dest), spec=PipelineSpec(size=(100, 100)),
         run_name="iso", chunk_size=1, return_state=True)
     assert state.is_failed()
-    report = json.loads((dest / "iso/report.json").read_text())
+    report = load_report(dest / "iso/report.json")
     status = {entry["source"]: entry["status"] for entry in report["images"]}
     assert {key for key, value in status.items() if value == "failed"} == (
         {"garden/c.jpg", "garden/deep/d.jpg"} | set(BAD))

@@ -12,6 +12,7 @@ from pixelmill.pipeline import discover
 from pixelmill.spec import PipelineSpec
 from pixelmill.storage import LocalStorage
 from tests.corpus import BAD, GOOD, make_source
+from tests.helpers import load_report
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
@@ -74,7 +75,7 @@ def test_cloud_run_task_variables_shard_a_flow_run(tmp_path, monkeypatch, prefec
                      spec=PipelineSpec(size=(64, 64)), return_state=True)
         assert state.is_completed()
         run = tmp_path / "out/pixelmill-job-abc12"  # both shards: the execution's folder
-        report = json.loads((run / f"report-shard-{index}-of-2.json").read_text())
+        report = load_report(run / f"report-shard-{index}-of-2.json")
         assert report["shard"] == {"index": index, "count": 2}
         assert (run / f"gallery/index-shard-{index}-of-2.html").is_file()
         done += [entry["source"] for entry in report["images"]]
