@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup browser demo test bench bench-extra bench-gcs bench-memory bench-rerun clean
+.PHONY: setup debs demo test bench bench-extra bench-gcs bench-memory bench-rerun clean
 
 setup: $(STAMP)
 
@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/pixelmill demo $(DEST)
 
-# Debian's chromium for the gallery's browser test (playwright drives it; nothing downloaded).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian packages the tests use when missing: chromium for the gallery's browser test
+# (playwright drives it; nothing downloaded) and postgresql for a Prefect server on PostgreSQL.
+DEBS = $(if $(shell command -v chromium),,chromium fonts-dejavu-core) \
+       $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
+debs:
+	@missing="$(strip $(DEBS))"; [ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
-	  else echo "chromium missing: sudo apt-get install chromium" >&2; exit 1; fi; }
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      $$missing >/dev/null; \
+	  else echo "missing: sudo apt-get install $$missing" >&2; exit 1; fi; }
 
-test: setup browser
+test: setup debs
 	$(BIN)/python -m pytest
 
 # The rivals of `make bench` (Daft, Ray Data): the optional `bench` extra, never part of setup.
