@@ -137,10 +137,12 @@ def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | 
         result: ChunkResult = future.result()
         first: ChunkResult | None = resized.result() if resized is not None else None
         resources = {"resize": (first or result).resources}
+        nodes = {"resize": (first or result).node}
         if first is not None:
-            resources["filter"] = result.resources
+            resources["filter"], nodes["filter"] = result.resources, result.node
         summary = ChunkSummary(index=index, state=state.name, images=chunk_images,
-                               resources=resources)
+                               resources=resources,
+                               nodes=nodes if any(nodes.values()) else None)
         return list(result.images), summary, result
     if resized is not None and resized.state.is_completed():
         reason = f"filter stage failed: {state.message or state.name}"

@@ -94,11 +94,13 @@ class ImageResult(Frozen):
 
 
 class ChunkResult(Frozen):
-    """A chunk after one stage: per image results, and the resources Ray gave the task."""
+    """A chunk after one stage: per image results, and the resources Ray gave the task and
+    the Ray node it ran on ("" off Ray)."""
 
     index: int
     images: tuple[ImageResult, ...]
     resources: dict[str, float] = Field(default_factory=dict)
+    node: str = ""
 
 
 class Plan(Frozen):
@@ -120,6 +122,7 @@ class ChunkSummary(Frozen):
     state: str
     images: int
     resources: dict[str, dict[str, float]] = Field(default_factory=dict)
+    nodes: dict[str, str] | None = None  # the Ray node id each stage ran on (on Ray only)
     error: str | None = None
     finished_s: float | None = None  # seconds from the flow's start to this chunk's end
 

@@ -53,19 +53,21 @@ class EachTaskRun(CachePolicy):
         return f"pixelmill-{task_ctx.task_run.id}"
 
 
-def ray_resources() -> dict[str, float]:
-    """The resources Ray assigned to the task running now ({} outside a Ray worker)."""
+def ray_placement() -> tuple[dict[str, float], str]:
+    """The resources Ray assigned to the task running now and the id of its node ({} and ""
+    outside a Ray worker)."""
     try:
         import ray
 
         if not ray.is_initialized():
-            return {}
+            return {}, ""
         context = ray.get_runtime_context()
         if context.worker.mode != ray.WORKER_MODE:
-            return {}
-        return {name: float(amount) for name, amount in context.get_assigned_resources().items()}
-    except Exception:  # resources are information, never a reason to fail a chunk
-        return {}
+            return {}, ""
+        return ({name: float(amount) for name, amount in context.get_assigned_resources().items()},
+                context.get_node_id())
+    except Exception:  # where a chunk ran is information, never a reason to fail it
+        return {}, ""
 
 
 def _log_failures(images: list[ImageResult], stage: str, label: str) -> None:
@@ -97,7 +99,8 @@ def resize_chunk(job: Job, chunk: Chunk) -> ChunkResult:
     images = pipeline.resize_images(chunk.items, job, source_storage(job),
                                     destination_storage(job))
     _log_failures(images, "resize", chunk.label)
-    return ChunkResult(index=chunk.index, images=tuple(images), resources=ray_resources())
+    resources, node = ray_placement()
+    return ChunkResult(index=chunk.index, images=tuple(images), resources=resources, node=node)
 
 
 @task(name="filter-chunk", task_run_name="filter-chunk-{resized.index:03d}", **_RETRYING)
@@ -105,7 +108,9 @@ def filter_chunk(job: Job, resized: ChunkResult) -> ChunkResult:
     """Apply every requested filter to one resized chunk into <run>/<filter>/."""
     images = pipeline.filter_images(resized, job, destination_storage(job))
     _log_failures(images, "filter", f"{resized.index:03d}")
-    return ChunkResult(index=resized.index, images=tuple(images), resources=ray_resources())
+    resources, node = ray_placement()
+    return ChunkResult(index=resized.index, images=tuple(images), resources=resources,
+                       node=node)
 
 
 @task(name="build-gallery", **_RETRYING)

@@ -77,6 +77,7 @@ def test_gpu_tagged_stage_ran_with_the_logical_gpu(ray_run):
         assert chunk["resources"]["filter"].get("GPU") == 1.0, chunk
         assert "GPU" not in chunk["resources"]["resize"], chunk
         assert chunk["resources"]["resize"].get("CPU") == 1.0
+        assert set(chunk["nodes"]) == {"resize", "filter"} and all(chunk["nodes"].values())
 
 
 def test_server_api_shows_the_flow_run_and_its_task_runs(ray_run):

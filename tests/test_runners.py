@@ -61,6 +61,8 @@ def test_every_output_and_the_report(runner_run):
     assert on_disk["counts"] == {"discovered": 9, "ok": 7, "failed": 2, "skipped": 0}
     assert on_disk["runner"]["name"] == expected
     assert len(report.chunks) == 3 and all(c.state == "Completed" for c in report.chunks)
+    # the Ray node of each stage, on Ray only
+    assert all(bool(chunk.get("nodes")) == (expected == "ray") for chunk in on_disk["chunks"])
     for image in report.images:
         if image.source in GOOD:
             assert set(image.outputs) == {"resized", "blur"}
