@@ -288,7 +288,7 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     printed; nothing is written and no server or Ray is started (Prefect only to load a
     credentials block)."""
     from pixelmill import pipeline
-    from pixelmill.layout import run_stamp
+    from pixelmill.layout import cap_chunk_size, choose_chunk_size, run_stamp
     from pixelmill.models import Job
     from pixelmill.spec import auto_runner
 
@@ -302,9 +302,11 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
         storages = source_storage(job), destination_storage(job)
     else:
         storages = open_storage(source), open_storage(dest, destination=True)
-    plan = pipeline.discover(*storages, job, chunk_size, os.cpu_count() or 1,
-                             write_manifest=False)
-    to_make = sum(len(chunk.items) for chunk in plan.chunks)
+    found = pipeline.survey(*storages, job)
+    to_make = found.to_make
+    cores = os.cpu_count() or 1
+    size = cap_chunk_size(to_make, chunk_size or choose_chunk_size(
+        to_make, cores, found.to_make_bytes / to_make if to_make else None))
     runner, why = _with_address(runner, ray_address)
     if runner == "auto":
         runner, reason = auto_runner(to_make)
@@ -313,15 +315,15 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     out.print(f"dry run, nothing written: run folder {folder}"
               + ("" if run_name else " (this minute's; --run-name re-uses one)"),
               highlight=False)
-    out.print(f"{plan.discovered} images: {len(plan.kept)} kept (their outputs are there, made "
+    out.print(f"{found.discovered} images: {found.kept} kept (their outputs are there, made "
               f"from the same source version with the same settings), {to_make} to make, "
-              f"{len(plan.rejected)} refused at discovery; {plan.ignored} other files "
+              f"{found.rejected} refused at discovery; {found.ignored} other files "
               "ignored", highlight=False)
-    for image in plan.rejected[:10]:
+    for image in found.first_rejected:
         out.print(f"  refused {image.source}: {image.error}", highlight=False)
     if to_make:
-        out.print(f"would make {to_make} in {len(plan.chunks)} chunks of up to "
-                  f"{plan.chunk_size}, runner {runner} ({why})", highlight=False)
+        out.print(f"would make {to_make} in {-(-to_make // size)} chunks of up to "
+                  f"{size}, runner {runner} ({why})", highlight=False)
     return EXIT_OK
 
 

@@ -21,6 +21,8 @@ IMAGE_EXTENSIONS = {
 # A flow run must stay within a few hundred task runs (two per chunk): the server's event
 # queue dropped events for flows with thousands of task runs (Prefect 3.8, 10,000 messages).
 MAX_CHUNKS = 150
+# Images a part of a run's plan holds: the driver holds one part of the listing at a time.
+PART_IMAGES = 20_000
 # Images per chunk from measured costs (bench/speed.py, 2 cores). A chunk is one or two task
 # runs, each costing Prefect ~0.1 s, so a chunk should hold ~1.6 s of work: 80 camera JPEGs
 # (6 MP: resize ~16 ms and filter ~7.5 ms each). The work of an image is estimated from its
@@ -93,6 +95,24 @@ def assign_outputs(sources: Iterable[str], extension: str) -> dict[str, str]:
         taken.add(candidate)
         result[key] = candidate
     return result
+
+
+def output_group(key: str) -> str:
+    """What every source whose output could meet `key`'s starts with: its folder and its name
+    up to the first '.' after any leading dots ('a/x.png' and 'a/x.jpg' both 'a/x'). Such
+    sources sort together, so a stretch of the sorted listing cut where none of its groups
+    is a prefix of the next key gives outputs no other stretch can."""
+    folder, slash, name = key.rpartition("/")
+    dots = len(name) - len(name.lstrip("."))
+    return folder + slash + name[:dots] + name[dots:].split(".", 1)[0]
+
+
+def orphan_output(key: str, extension: str) -> str:
+    """The output of a source whose safe form sorts far from where it was listed (a '\\' or
+    '//' in its key): its natural output with a hash of the key before the extension, so it
+    cannot meet the output of a source planned in another part."""
+    stem, ext = posixpath.splitext(natural_output(safe_key(key), extension))
+    return f"{stem}~{zlib.crc32(key.encode('utf-8')):08x}{ext}"
 
 
 def in_shard(key: str, index: int, count: int) -> bool:

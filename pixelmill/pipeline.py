@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from pixelmill import provenance
 from pixelmill.errors import ImageError
@@ -12,12 +16,12 @@ from pixelmill.imageops import (
     SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
 )
 from pixelmill.layout import (
-    MAX_CHUNKS, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
-    is_image_candidate, make_chunks, ramp_chunks,
+    MAX_CHUNKS, PART_IMAGES, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
+    is_image_candidate, make_chunks, orphan_output, output_group, ramp_chunks,
 )
 from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
 from pixelmill.overlap import Writer, prefetched, threaded_map
-from pixelmill.storage import ObjectInfo, Storage
+from pixelmill.storage import ObjectInfo, Storage, safe_key
 
 log = logging.getLogger("pixelmill")
 # Concurrent first-bytes reads at discovery: on GCS each is a round trip (~ms), so a listing
@@ -59,56 +63,264 @@ def _held(item: ChunkItem, job: Job, held: dict[str, ObjectInfo]) -> ChunkItem |
                                    "kept_filters": kept_filters})
 
 
+# Objects sniffed together (their first bytes read concurrently), and the most listed objects
+# held while waiting for a batch to fill.
+SNIFF_BATCH = 64
+MAX_PENDING = 4096
+
+
+@dataclass
+class PartPlan:
+    """One part of a run's plan: a stretch of the source listing (at most about PART_IMAGES
+    images, cut where no two sources of different parts could get the same output) and what
+    the destination holds for it."""
+
+    number: int
+    items: list[ChunkItem] = field(default_factory=list)  # to make
+    kept: list[ImageResult] = field(default_factory=list)
+    rejected: list[ImageResult] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    manifest: list[dict] = field(default_factory=list)  # manifest.json's entry of each image
+    item_bytes: int = 0  # listed bytes of the images to make
+
+
+def _classified(source: Storage, listing: Iterable[ObjectInfo]) -> Iterator[tuple[str, Any]]:
+    """Each listed object, in listing order, as ("image", (info, sniffed format or None)),
+    ("rejected", failed ImageResult) or ("ignored", key). An image candidate by its name or
+    content type, as listed; its bytes are checked where it is decoded anyway. Only objects
+    with neither are sniffed, SNIFF_BATCH at a time (a JPEG with no extension)."""
+    pending: list[tuple[bool, ObjectInfo]] = []
+    unnamed = 0
+
+    def named(info: ObjectInfo) -> tuple[str, Any]:
+        if info.size:
+            return "image", (info, None)
+        # known from the listing alone
+        return "rejected", ImageResult(source=info.key, status="failed",
+                                       error=describe_non_image(b""))
+
+    def flush() -> Iterator[tuple[str, Any]]:
+        heads = iter(threaded_map(
+            lambda info: source.read_head(info.key, SNIFF_BYTES) if info.size else b"",
+            [info for is_named, info in pending if not is_named], SNIFF_THREADS))
+        for is_named, info in pending:
+            if is_named:
+                yield named(info)
+            else:
+                fmt = sniff(next(heads))
+                yield ("image", (info, fmt)) if fmt is not None else ("ignored", info.key)
+        pending.clear()
+
+    for info in listing:
+        is_named = is_image_candidate(info.key, info.content_type)
+        if is_named and not pending:
+            yield named(info)
+            continue
+        pending.append((is_named, info))
+        unnamed += not is_named
+        if unnamed >= SNIFF_BATCH or len(pending) >= MAX_PENDING:
+            yield from flush()
+            unnamed = 0
+    yield from flush()
+
+
+def _key_of(kind: str, value: Any) -> str:
+    return value[0].key if kind == "image" else value.source if kind == "rejected" else value
+
+
+def _safe(key: str) -> str:
+    try:
+        return safe_key(key)
+    except ValueError:
+        return key
+
+
+def _in_parts(classified: Iterable[tuple[str, Any]], part_images: int
+              ) -> Iterator[list[tuple[str, Any, bool]]]:
+    """The classified listing in parts of about `part_images` images, in the order of the
+    keys made safe (the outputs' order). A part is cut only where no output group of it
+    (`output_group`) is a prefix of the next key, so sources whose outputs could meet are
+    always in one part. A key whose safe form sorts before where the listing gave it (rare:
+    a backslash, a '//') and before its part is marked an orphan: it gets an output name of
+    its own (`orphan_output`). (kind, value, orphan) each."""
+    part: list[tuple[str, Any, bool]] = []
+    images = 0
+    groups: list[str] = []  # output groups of the part that are a prefix of the last key
+    low: str | None = None  # the part's first safe key
+    position = ""
+    waiting: list[tuple[str, int, str, Any]] = []  # heap: keys whose safe form comes later
+    counter = 0
+
+    def take(kind: str, value: Any, safe: str, in_order: bool = True
+             ) -> Iterator[list[tuple[str, Any, bool]]]:
+        nonlocal part, images, groups, low, position
+        if in_order:
+            groups = [group for group in groups if safe.startswith(group)]
+            if images >= part_images and not groups:
+                yield part
+                part, images, low = [], 0, None
+            low = safe if low is None else low
+            position = safe
+        part.append((kind, value, False))
+        if kind == "image":
+            images += 1
+            group = output_group(safe)
+            if group not in groups:  # a later key inside it keeps the part open
+                groups.append(group)
+
+    for kind, value in classified:
+        key = _key_of(kind, value)
+        safe = _safe(key)
+        while waiting and waiting[0][0] <= safe:
+            held_safe, _, held_kind, held_value = heapq.heappop(waiting)
+            yield from take(held_kind, held_value, held_safe)
+        if safe == key or safe >= position:
+            if safe != key and safe > key:
+                heapq.heappush(waiting, (safe, counter, kind, value))
+                counter += 1
+                continue
+            yield from take(kind, value, safe)
+        elif low is not None and safe >= low:  # behind, but inside this part
+            yield from take(kind, value, safe, in_order=False)
+        else:
+            part.append((kind, value, kind == "image"))
+    while waiting:
+        held_safe, _, held_kind, held_value = heapq.heappop(waiting)
+        yield from take(held_kind, held_value, held_safe)
+    if part:
+        yield part
+
+
+class _Held:
+    """What the run folder holds, for one part at a time: one listing per output folder
+    (`resized/`, each filter's), each in key order like the parts' outputs, read forward
+    as far as the part's last output and never again. An output that sorts out of its part's
+    order (a dotted folder beside a file of the same stem) is not found here and is made
+    again: never kept without being seen."""
+
+    def __init__(self, destination: Storage, job: Job) -> None:
+        self.run = job.run
+        self.streams = {}
+        for folder in ("resized", *(filter_folder(name) for name in job.spec.filters)):
+            stream = iter(destination.list(f"{job.run}/{folder}/"))
+            self.streams[folder] = [stream, next(stream, None)]
+
+    def take(self, outputs: Iterable[str]) -> dict[str, ObjectInfo]:
+        wanted = set(outputs)
+        if not wanted:
+            return {}
+        last = max(wanted)
+        held: dict[str, ObjectInfo] = {}
+        for folder, state in self.streams.items():
+            stream, head = state
+            cut = len(self.run) + len(folder) + 2
+            while head is not None and head.key[cut:] <= last:
+                if head.key[cut:] in wanted:
+                    held[head.key] = head
+                head = next(stream, None)
+            state[1] = head
+        return held
+
+
+def plan_parts(source: Storage, destination: Storage, job: Job,
+               part_images: int = PART_IMAGES) -> Iterator[PartPlan]:
+    """The run's plan a part at a time, streamed: list the source once (objects in the run
+    folder of a destination inside the source, and folder placeholders, left out), classify,
+    cut parts, give outputs, keep this shard's, and decide each image against the run folder
+    (kept when every output it needs is there, made from this source version with these
+    settings). The driver holds one part, never the whole listing."""
+    skip_prefix = _inside(destination.uri, source.uri)
+    listing = (info for info in source.list()
+               if not (skip_prefix and info.key.startswith(skip_prefix))  # our own outputs
+               and not (info.key.endswith("/") and info.size == 0))  # "folder" placeholders
+    held_outputs = _Held(destination, job)
+    for number, elements in enumerate(_in_parts(_classified(source, listing), part_images),
+                                      start=1):
+        part = PartPlan(number=number)
+        images = [(value, orphan) for kind, value, orphan in elements if kind == "image"]
+        outputs = assign_outputs((info.key for (info, _), orphan in images if not orphan),
+                                 job.spec.extension)
+        for (info, _), orphan in images:
+            if orphan:
+                outputs[info.key] = orphan_output(info.key, job.spec.extension)
+        part.rejected = [value for kind, value, _ in elements if kind == "rejected"]
+        part.ignored = [value for kind, value, _ in elements if kind == "ignored"]
+        if job.sharded:  # outputs were assigned over the whole part, so shards agree on names
+            images = [(value, orphan) for value, orphan in images
+                      if in_shard(value[0].key, job.shard_index, job.shard_count)]
+            part.rejected = [r for r in part.rejected
+                             if in_shard(r.source, job.shard_index, job.shard_count)]
+        images.sort(key=lambda pair: pair[0][0].key)
+        held = held_outputs.take(outputs[info.key] for (info, _), orphan in images
+                                 if not orphan)
+        for (info, fmt), _ in images:
+            output = outputs[info.key]
+            part.manifest.append({"source": info.key, "output": output, "format": fmt,
+                                  "bytes": info.size, "version": info.version})
+            found = _held(ChunkItem(source=info.key, output=output, version=info.version),
+                          job, held)
+            if isinstance(found, ImageResult):
+                part.kept.append(found)
+            else:
+                part.items.append(found)
+                part.item_bytes += info.size
+        yield part
+
+
+@dataclass
+class Survey:
+    """What a dry run prints: `plan_parts` counted, a part at a time."""
+
+    discovered: int = 0
+    kept: int = 0
+    to_make: int = 0
+    to_make_bytes: int = 0
+    rejected: int = 0
+    ignored: int = 0
+    parts: int = 0
+    first_rejected: list[ImageResult] = field(default_factory=list)
+
+
+def survey(source: Storage, destination: Storage, job: Job,
+           part_images: int = PART_IMAGES) -> Survey:
+    """Count what a run would do without holding more than one part of the plan."""
+    found = Survey()
+    for part in plan_parts(source, destination, job, part_images):
+        found.parts += 1
+        found.discovered += len(part.manifest) + len(part.rejected)
+        found.kept += len(part.kept)
+        found.to_make += len(part.items)
+        found.to_make_bytes += part.item_bytes
+        found.rejected += len(part.rejected)
+        found.ignored += len(part.ignored)
+        found.first_rejected += part.rejected[: max(0, 10 - len(found.first_rejected))]
+    return found
+
+
 def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,
              cores: int = 1, write_manifest: bool = True) -> Plan:
-    """List the source once (an image candidate by name or content type; only objects with
-    neither are sniffed); list the run folder once and
-    keep every image whose outputs are all there, made from the same source version with the
-    same settings; write manifest.json; cut chunks from the images still to make.
+    """The whole plan (`plan_parts`, every part), written to manifest.json, with chunks cut
+    from the images still to make.
 
     `chunk_size` None picks one from the image count and the cores (`choose_chunk_size`).
     `write_manifest` False writes nothing (`pixelmill run --dry-run`).
     """
-    skip_prefix = _inside(destination.uri, source.uri)
-    listed = [info for info in source.list()
-              if not (skip_prefix and info.key.startswith(skip_prefix))  # our own outputs
-              and not (info.key.endswith("/") and info.size == 0)]  # "folder" placeholders
-    # An image candidate by its name or content type, as listed; its bytes are checked where
-    # they are decoded anyway. Only objects with neither are sniffed (a JPEG with no extension).
-    named: list[ObjectInfo] = []
-    unnamed: list[ObjectInfo] = []
-    for info in listed:
-        (named if is_image_candidate(info.key, info.content_type) else unnamed).append(info)
-    heads = threaded_map(lambda info: source.read_head(info.key, SNIFF_BYTES) if info.size else b"",
-                         unnamed, SNIFF_THREADS)
-    accepted: list[tuple[ObjectInfo, str | None]] = [(info, None) for info in named
-                                                      if info.size]
-    rejected = [ImageResult(source=info.key, status="failed", error=describe_non_image(b""))
-                for info in named if not info.size]  # known from the listing alone
-    ignored: list[str] = []
-    for info, head in zip(unnamed, heads):
-        fmt = sniff(head)
-        if fmt is not None:
-            accepted.append((info, fmt))
-        else:
-            ignored.append(info.key)
-    accepted.sort(key=lambda pair: pair[0].key)
-    outputs = assign_outputs((info.key for info, _ in accepted), job.spec.extension)
-    if job.sharded:  # outputs were assigned over the whole listing, so shards agree on names
-        accepted = [(info, fmt) for info, fmt in accepted
-                    if in_shard(info.key, job.shard_index, job.shard_count)]
-        rejected = [r for r in rejected if in_shard(r.source, job.shard_index, job.shard_count)]
-    discovered = len(accepted) + len(rejected)
-    held = {info.key: info for info in destination.list(f"{job.run}/")}
     items: list[ChunkItem] = []
     kept: list[ImageResult] = []
-    for info, _ in accepted:
-        found = _held(ChunkItem(source=info.key, output=outputs[info.key], version=info.version),
-                      job, held)
-        (kept if isinstance(found, ImageResult) else items).append(found)  # type: ignore[arg-type]
+    rejected: list[ImageResult] = []
+    ignored: list[str] = []
+    entries: list[dict] = []
+    item_bytes = 0
+    for part in plan_parts(source, destination, job):
+        items += part.items
+        kept += part.kept
+        rejected += part.rejected
+        ignored += part.ignored
+        entries += part.manifest
+        item_bytes += part.item_bytes
+    discovered = len(entries) + len(rejected)
     asked = chunk_size
-    sizes = {info.key: info.size for info, _ in accepted}
-    mean_bytes = sum(sizes[item.source] for item in items) / len(items) if items else None
+    mean_bytes = item_bytes / len(items) if items else None
     chunk_size = cap_chunk_size(len(items),
                                 chunk_size or choose_chunk_size(len(items), cores, mean_bytes))
     if asked and chunk_size != asked:
@@ -120,8 +332,7 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
     manifest = {
         "run": job.run,
         "source": job.source,
-        "images": [{"source": info.key, "output": outputs[info.key], "format": fmt,
-                    "bytes": info.size, "version": info.version} for info, fmt in accepted],
+        "images": entries,
         "rejected": [{"source": r.source, "error": r.error} for r in rejected],
         "ignored": ignored,
         "kept": len(kept),

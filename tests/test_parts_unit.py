@@ -1,0 +1,139 @@
+"""The plan a part at a time: listings in key order, parts cut where no two outputs can meet,
+the run folder read forward once, and a dry run's counts (on real local folders)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from PIL import Image
+
+from pixelmill import pipeline
+from pixelmill.layout import assign_outputs, output_group
+from pixelmill.models import Job
+from pixelmill.spec import PipelineSpec
+from pixelmill.storage import LocalStorage
+from tests.helpers import encode
+
+JPEG = encode(Image.new("RGB", (8, 6), (200, 30, 30)), "jpeg")
+# Names whose outputs meet (x.png, x.jpg, x as JPEG), sort between each other ('-' < '.' <
+# '/'), live in dotted folders, start with dots, or carry a backslash (a legal file name here,
+# 'a/b' once made safe).
+TRICKY = [
+    "x", "x.jpg", "x.png", "x.jpeg", "x-1.jpg", "x.d/q.jpg", "x.png.jpg", "x0.jpg",
+    "y/.hidden.jpg", "y/.hidden.png", "y/a.b.c.png", "y/a.b.jpg", "y/a/b.jpg", "y/a-b.jpg",
+    "z\\w.jpg", "z/w.jpg", "z/w.png", "a/b.jpg", "a0.jpg", "aB.jpg", "a\\b.jpg",
+    "notes.txt", "empty.jpg",
+]
+
+
+def _source(tmp_path, names=TRICKY):
+    root = tmp_path / "src"
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = b"just words" if name.endswith(".txt") else b"" if name == "empty.jpg" else JPEG
+        path.write_bytes(data)
+    return LocalStorage(root)
+
+
+def _job(tmp_path, **spec) -> Job:
+    return Job(source=str(tmp_path / "src"), destination=str(tmp_path / "dst"), run="r",
+               spec=PipelineSpec(size=(4, 3), **spec))
+
+
+def test_a_local_listing_comes_in_key_order_as_a_bucket_lists(tmp_path):
+    storage = _source(tmp_path)
+    keys = [info.key for info in storage.list()]
+    assert keys == sorted(keys) and len(keys) == len(TRICKY)
+    assert [info.key for info in storage.list("y/")] == sorted(k for k in TRICKY
+                                                               if k.startswith("y/"))
+
+
+@pytest.mark.parametrize("part_images", [1, 2, 3, 5, 100])
+def test_parts_give_every_image_the_output_one_plan_would(tmp_path, part_images):
+    source = _source(tmp_path)
+    job = _job(tmp_path)
+    dest = LocalStorage(tmp_path / "dst")
+    parts = list(pipeline.plan_parts(source, dest, job, part_images))
+    entries = [entry for part in parts for entry in part.manifest]
+    images = [name for name in TRICKY if name not in ("notes.txt", "empty.jpg")]
+    assert sorted(entry["source"] for entry in entries) == sorted(images)
+    outputs = {entry["source"]: entry["output"] for entry in entries}
+    assert len(set(outputs.values())) == len(outputs)  # no two sources meet
+    whole = assign_outputs(images, ".jpg")
+    for name in images:
+        if name != "a\\b.jpg":
+            assert outputs[name] == whole[name], name
+    # 'a\\b.jpg' is listed after 'aB.jpg' but made safe it is 'a/b.jpg', whose part may be
+    # planned already: then it gets a name of its own, which meets no other output
+    orphan = outputs["a\\b.jpg"]
+    if part_images >= len(images):
+        assert orphan == whole["a\\b.jpg"]
+    elif part_images == 1:
+        assert orphan.startswith("a/b~") and orphan.endswith(".jpg"), orphan
+    else:
+        assert orphan == whole["a\\b.jpg"] or orphan.startswith("a/b~"), orphan
+    # sources that could meet are in one part; parts hold at least part_images but the last
+    for part in parts:
+        groups = {output_group(entry["source"]) for entry in part.manifest}
+        for other in parts:
+            if other is not part:
+                assert not groups & {output_group(e["source"]) for e in other.manifest
+                                     if e["source"] != "a\\b.jpg"}
+    assert all(len(part.manifest) >= part_images for part in parts[:-1])
+    assert [r.source for part in parts for r in part.rejected] == ["empty.jpg"]
+    assert [key for part in parts for key in part.ignored] == ["notes.txt"]
+
+
+def test_the_run_folder_is_read_forward_once_and_finds_what_each_part_made(tmp_path):
+    names = [f"{folder}/p{number:03d}.jpg" for folder, number in
+             itertools.product(["a", "a.b", "b"], range(20))] + ["a.jpg", "a.png", "b-1.png"]
+    source = _source(tmp_path, names)
+    job = _job(tmp_path, filters=("blur",))
+    dest = LocalStorage(tmp_path / "dst")
+    plan = pipeline.discover(source, dest, job)
+    for chunk in plan.chunks:  # make everything, as the first run would
+        made = pipeline.resize_images(chunk.items, job, source, dest)
+        pipeline.filter_images(pipeline.ChunkResult(index=chunk.index, images=tuple(made)), job,
+                               dest)
+    listed = []
+    original = dest.list
+    dest.list = lambda prefix="": (listed.append(prefix), original(prefix))[1]
+    parts = list(pipeline.plan_parts(source, dest, job, part_images=7))
+    assert len(parts) >= 5
+    assert sum(len(part.kept) for part in parts) == len(names)  # all kept: nothing to make
+    assert not any(part.items for part in parts)
+    assert sorted(listed) == ["r/blur/", "r/resized/"]  # each output folder listed once
+
+    (tmp_path / "dst/r/blur/a.b/p007.jpg").unlink()  # one output gone: that image is made
+    parts = list(pipeline.plan_parts(source, dest, job, part_images=7))
+    todo = [item for part in parts for item in part.items]
+    assert [item.source for item in todo] == ["a.b/p007.jpg"]
+    assert todo[0].kept_resized is not None and todo[0].kept_filters == ()
+
+
+def test_a_dry_run_survey_counts_what_discover_plans(tmp_path):
+    source = _source(tmp_path)
+    job = _job(tmp_path)
+    dest = LocalStorage(tmp_path / "dst")
+    plan = pipeline.discover(source, dest, job, write_manifest=False)
+    found = pipeline.survey(source, dest, job, part_images=2)
+    assert found.parts >= 3
+    assert (found.discovered, found.kept, found.rejected, found.ignored) == (
+        plan.discovered, len(plan.kept), len(plan.rejected), plan.ignored)
+    assert found.to_make == sum(len(chunk.items) for chunk in plan.chunks)
+    assert [image.source for image in found.first_rejected] == ["empty.jpg"]
+    assert not (tmp_path / "dst").exists()
+
+
+def test_discover_writes_the_same_manifest_as_the_parts(tmp_path):
+    source = _source(tmp_path)
+    job = _job(tmp_path)
+    dest = LocalStorage(tmp_path / "dst")
+    pipeline.discover(source, dest, job)
+    manifest = json.loads((tmp_path / "dst/r/manifest.json").read_text())
+    parts = list(pipeline.plan_parts(source, dest, job, part_images=2))
+    assert sorted(e["source"] for e in manifest["images"]) == sorted(
+        e["source"] for part in parts for e in part.manifest)
