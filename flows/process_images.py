@@ -8,7 +8,7 @@ import queue
 import re
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Sequence
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
@@ -24,20 +24,23 @@ from prefect.utilities.annotations import quote
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_ray.context import remote_options
 
-from pixelmill import progress, summary
+from pixelmill import pipeline, progress, summary
 from pixelmill.errors import UsageError
 from pixelmill.gallery import SheetsAhead
-from pixelmill.layout import check_run_name, check_shard, run_stamp
+from pixelmill.layout import PART_IMAGES, check_run_name, check_shard, run_stamp
 from pixelmill.models import (
-    ChunkResult, ChunkSummary, ImageResult, Job, Plan, RunnerChoice, RunReport,
+    MAX_REPORT_FAILURES, Chunk, ChunkResult, ChunkSummary, Counts, ImageResult, Job, PartRef,
+    PartSummary, Plan, RunnerChoice, RunReport,
 )
 from pixelmill.preflight import check_destination
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from pixelmill.storage import is_gcs
-from flows.runners import AutoTaskRunner, LineageProcessPoolTaskRunner, runner_name
+from flows.runners import (
+    AutoTaskRunner, LineageProcessPoolTaskRunner, SharedTaskRunner, runner_name,
+)
 from flows.ray_runner import KEPT_OR_TEMPORARY, ArgumentsRayTaskRunner
-from tasks import build_gallery, discover, filter_chunk, resize_chunk
+from tasks import build_gallery, build_gallery_of_parts, discover, filter_chunk, resize_chunk
 from tasks.images import EachTaskRun
 from tasks.storage import destination_storage
 
@@ -217,6 +220,8 @@ def _default_run_name(shard_count: int) -> str:
     return run_stamp(flow_run.scheduled_start_time)
 
 
+# A part's child flow run is tried once more if it fails (its chunks' own retries apart).
+PART_RETRIES = 1
 # Suffixes tried when the default (minute-stamped) run folder is in use by another run.
 MAX_RUN_SUFFIX = 9
 
@@ -270,6 +275,7 @@ def process_images(
     shard_index: int | None = None,
     shard_count: int | None = None,
     shared_filesystem: bool = False,
+    part_size: int = PART_IMAGES,
 ) -> RunReport:
     """Resize and filter every image under `source` into `destination`/<run>/ with a gallery.
 
@@ -278,6 +284,8 @@ def process_images(
     `shard_index` / `shard_count` (default: Cloud Run's CLOUD_RUN_TASK_INDEX / _COUNT) make
     this run one of several disjoint shards that together cover every image once.
     `shared_filesystem`: local paths are seen by every node of a multi-node Ray cluster.
+    `part_size`: a run of more images is planned in parts of about this many, each part with
+    images to make run as a child flow run.
     """
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat()
@@ -299,25 +307,20 @@ def process_images(
         return Failed(message=str(exc), data=exc)
     try:
         return _process(job, chunk_size, resize_task, filter_task, resize_resources,
-                        filter_resources, nodes, started, started_at)
+                        filter_resources, nodes, started, started_at, result_storage,
+                        part_size)
     finally:
         lock.release()
 
 
-def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
-             resize_resources: StageResources, filter_resources: StageResources,
-             nodes: list[dict[str, float]], started: float, started_at: str):
-    logger = get_run_logger()
-    cpus = int(sum(node.get("CPU", 0.0) for node in nodes)) or 1
-    plan: Plan = discover(job, chunk_size, cpus)
-    images = sum(len(chunk.items) for chunk in plan.chunks)
-    runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
-    progress.planned(len(plan.chunks), images, len(plan.rejected), len(plan.kept))
-    progress_artifact = create_progress_artifact(
-        0.0, key=_artifact_key("progress", job),
-        description=f"share of the {len(plan.chunks)} chunks done ({images} images to make, "
-                    f"{len(plan.kept)} kept)")
-
+def _run_chunks(job: Job, chunks: Sequence[Chunk], resize_task, filter_task,
+                resize_resources: StageResources, filter_resources: StageResources,
+                cpus: int, started: float, on_chunk: Callable[[int, list[ImageResult]], None]
+                = lambda number, images: None, part: int | None = None,
+                ) -> tuple[list[ImageResult], list[ChunkSummary]]:
+    """Every chunk through its stages on the flow's runner (in order, `_in_order`); returns
+    each image's result and each chunk's summary (by index). `on_chunk` hears each chunk's
+    images as it finishes."""
     resize_job = job.without_filters()  # the resize stage does not depend on the filters
 
     def submit_resize(chunk):
@@ -329,33 +332,64 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
             # the upstream *state*: Prefect records the lineage and hands the task its result
             return filter_task.submit(job, resized.state)
 
-    results: list[ImageResult] = [*plan.rejected, *plan.kept]
+    results: list[ImageResult] = []
     summaries: list[ChunkSummary] = []
-    ahead = AHEAD_PER_CPU * max(1, cpus)
+    for number, future, upstream in _in_order(chunks, submit_resize,
+                                              submit_filter if job.spec.filters else None,
+                                              AHEAD_PER_CPU * max(1, cpus)):
+        chunk = chunks[number]
+        chunk_images, chunk_summary, result = _outcome(len(chunk.items), future, upstream, chunk)
+        results.extend(chunk_images)
+        on_chunk(number, chunk_images)
+        summaries.append(chunk_summary.model_copy(
+            update={"finished_s": round(time.monotonic() - started, 3), "part": part}))
+        progress.chunk_done(result, len(chunk.items))
+    return results, sorted(summaries, key=lambda chunk: chunk.index)
+
+
+def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
+             resize_resources: StageResources, filter_resources: StageResources,
+             nodes: list[dict[str, float]], started: float, started_at: str,
+             result_storage: str | None = None, part_size: int = PART_IMAGES):
+    cpus = int(sum(node.get("CPU", 0.0) for node in nodes)) or 1
+    plan: Plan = discover(job, chunk_size, cpus, part_size)
+    if plan.parts:
+        return _process_parts(job, plan, chunk_size, resize_resources, filter_resources, cpus,
+                              started, started_at, result_storage)
+    images = sum(len(chunk.items) for chunk in plan.chunks)
+    runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
+    progress.planned(len(plan.chunks), images, len(plan.rejected), len(plan.kept))
+    progress_artifact = create_progress_artifact(
+        0.0, key=_artifact_key("progress", job),
+        description=f"share of the {len(plan.chunks)} chunks done ({images} images to make, "
+                    f"{len(plan.kept)} kept)")
+    done = 0
+
+    def on_chunk(number: int, chunk_images: list[ImageResult]) -> None:
+        nonlocal done
+        done += 1
+        sheets.chunk_done(number, chunk_images)
+        update_progress_artifact(progress_artifact, 100.0 * done / len(plan.chunks))
+
     # contact sheets whose images are all decided are drawn while later chunks run
     with SheetsAhead(job, destination_storage(job), plan.kept, plan.chunks) as sheets:
-        for number, future, upstream in _in_order(plan.chunks, submit_resize,
-                                                  submit_filter if job.spec.filters else None,
-                                                  ahead):
-            chunk = plan.chunks[number]
-            chunk_images, chunk_summary, result = _outcome(len(chunk.items), future, upstream,
-                                                           chunk)
-            results.extend(chunk_images)
-            sheets.chunk_done(number, chunk_images)
-            summaries.append(chunk_summary.model_copy(
-                update={"finished_s": round(time.monotonic() - started, 3)}))
-            progress.chunk_done(result, len(chunk.items))
-            update_progress_artifact(progress_artifact,
-                                     100.0 * len(summaries) / len(plan.chunks))
-
-    report = RunReport.build(job, plan.discovered, results, time.monotonic() - started,
-                             sorted(summaries, key=lambda chunk: chunk.index), started_at,
-                             runner)
+        made, summaries = _run_chunks(job, plan.chunks, resize_task, filter_task,
+                                      resize_resources, filter_resources, cpus, started,
+                                      on_chunk)
+    report = RunReport.build(job, plan.discovered, [*plan.rejected, *plan.kept, *made],
+                             time.monotonic() - started, summaries, started_at, runner)
     # quote: the report holds a record per image, which Prefect would otherwise walk looking
     # for upstream futures (seconds at 20,000 images)
     index = build_gallery(job, quote(report))
     if not plan.chunks:
         update_progress_artifact(progress_artifact, 100.0)
+    return _finish(job, report, index, summaries)
+
+
+def _finish(job: Job, report: RunReport, index: str, summaries: Sequence[ChunkSummary],
+            failed_parts: int = 0):
+    """Publish the run's artifacts and decide its final state from its chunks (and parts)."""
+    logger = get_run_logger()
     create_markdown_artifact(summary.markdown(report, index), key=_artifact_key("summary", job),
                              description=f"pixelmill run {job.run}")
     create_table_artifact(summary.failure_rows(report), key=_artifact_key("failures", job),
@@ -363,12 +397,108 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
     logger.info("%d ok, %d failed, %d kept; gallery at %s", report.counts.ok,
                 report.counts.failed, report.counts.skipped,
                 summary.object_url(job.destination, index))
-
     failed_chunks = [chunk for chunk in summaries if chunk.state != "Completed"]
+    if failed_parts:
+        return Failed(message=f"{failed_parts} of {report.parts} parts failed", data=report)
     if failed_chunks:
         return Failed(message=f"{len(failed_chunks)} of {len(summaries)} chunks failed",
                       data=report)
     return report
+
+
+@flow(name="process-images-part", log_prints=True, retries=PART_RETRIES)
+def process_part(job: Job, part: PartRef, chunk_size: int | None = None,
+                 resize_resources: StageResources = StageResources(),
+                 filter_resources: StageResources = StageResources(), cores: int = 1,
+                 result_storage: str | None = None) -> PartSummary:
+    """One part of a run too big for one flow run: its chunks, on the parent's runner, and
+    its per-image records written to the run folder. A retry makes the part again."""
+    started = time.monotonic()
+    destination = destination_storage(job)
+    items, decided = pipeline.read_part(destination, job, part)
+    chunks, _ = pipeline.cut_chunks(items, part.item_bytes, chunk_size, cores)
+    resize_task, filter_task = _persisting(result_storage)
+    made, chunk_summaries = _run_chunks(job, chunks, resize_task, filter_task, resize_resources,
+                                        filter_resources, cores, started, part=part.number)
+    images = [*decided, *made]
+    counts = Counts(discovered=len(images))
+    for image in images:
+        setattr(counts, image.status, getattr(counts, image.status) + 1)
+    records = pipeline.write_records(destination, job, part.number, images)
+    failures = sorted((image for image in images if image.status == "failed"),
+                      key=lambda image: image.source)[:MAX_REPORT_FAILURES]
+    failed = sum(chunk.state != "Completed" for chunk in chunk_summaries)
+    get_run_logger().info("part %s: %d made, %d failed, %d kept in %d chunks", part.label,
+                          counts.ok, counts.failed, counts.skipped, len(chunks))
+    return PartSummary(number=part.number, records=records, counts=counts,
+                       chunks=tuple(chunk_summaries), failures=tuple(failures),
+                       state="Failed" if failed else "Completed")
+
+
+def _part_not_run(job: Job, part: PartRef, reason: str | None) -> PartSummary:
+    """A part without a child flow run (nothing to make), or one whose child flow run failed
+    for good (`reason`): its decided images as they are, its images to make failed."""
+    destination = destination_storage(job)
+    items, decided = pipeline.read_part(destination, job, part)
+    failed = [ImageResult(source=item.source, status="failed", error=reason)
+              for item in items] if reason else []
+    images = [*decided, *failed]
+    counts = Counts(discovered=len(images))
+    for image in images:
+        setattr(counts, image.status, getattr(counts, image.status) + 1)
+    return PartSummary(
+        number=part.number, records=pipeline.write_records(destination, job, part.number, images),
+        counts=counts, failures=tuple(sorted((image for image in images
+                                              if image.status == "failed"),
+                                             key=lambda image: image.source)[:MAX_REPORT_FAILURES]),
+        state="Failed" if reason else "Completed")
+
+
+def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
+                   resize_resources: StageResources, filter_resources: StageResources,
+                   cpus: int, started: float, started_at: str, result_storage: str | None):
+    """A run planned in parts: each part with images to make is a child flow run on this
+    flow's runner, one after the other; then one report and one gallery for them all."""
+    logger = get_run_logger()
+    images = sum(part.images for part in plan.parts)
+    runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
+    progress.planned(sum(pipeline.part_chunks(part, chunk_size, cpus) for part in plan.parts),
+                     images,
+                     sum(part.rejected for part in plan.parts),
+                     sum(part.kept for part in plan.parts))
+    progress_artifact = create_progress_artifact(
+        0.0, key=_artifact_key("progress", job),
+        description=f"share of the {len(plan.parts)} parts done ({images} images to make)")
+    part_flow = process_part.with_options(task_runner=SharedTaskRunner(_task_runner()))
+    summaries: list[PartSummary] = []
+    for part in plan.parts:
+        if not part.images:
+            summaries.append(_part_not_run(job, part, None))
+        else:
+            state = part_flow.with_options(flow_run_name=f"{job.run}-part-{part.label}")(
+                job=job, part=part, chunk_size=chunk_size, resize_resources=resize_resources,
+                filter_resources=filter_resources, cores=cpus, result_storage=result_storage,
+                return_state=True)
+            if state.is_completed():
+                summaries.append(state.result())
+            else:
+                reason = f"part {part.label} failed: {state.message or state.name}"
+                logger.error(reason)
+                summaries.append(_part_not_run(job, part, reason))
+        update_progress_artifact(progress_artifact, 100.0 * len(summaries) / len(plan.parts))
+    counts = Counts(discovered=plan.discovered)
+    for part_summary in summaries:
+        for status in ("ok", "failed", "skipped"):
+            setattr(counts, status,
+                    getattr(counts, status) + getattr(part_summary.counts, status))
+    failures = [image for part_summary in summaries
+                for image in part_summary.failures][:MAX_REPORT_FAILURES]
+    chunks = [chunk for part_summary in summaries for chunk in part_summary.chunks]
+    report = RunReport.build(job, plan.discovered, failures, time.monotonic() - started, chunks,
+                             started_at, runner, counts=counts, parts=len(plan.parts))
+    index = build_gallery_of_parts(job, report, [s.records for s in summaries])
+    failed_parts = sum(s.state != "Completed" and not s.chunks for s in summaries)
+    return _finish(job, report, index, chunks, failed_parts)
 
 
 if __name__ == "__main__":

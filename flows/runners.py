@@ -71,6 +71,36 @@ class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
             super().__exit__(*exc_info)
 
 
+class SharedTaskRunner(TaskRunner[PrefectFuture[Any]]):
+    """A flow run's task runner lent to its child flow runs (the parts of a big run): their
+    tasks go to the parent's threads or Ray, already started; a child neither starts nor
+    stops it, so parts cost no new workers."""
+
+    def __init__(self, inner: TaskRunner | None) -> None:
+        self.inner = inner
+        super().__init__()
+
+    @property
+    def name(self) -> str:
+        return self.inner.name if self.inner is not None else "shared"
+
+    def duplicate(self) -> SharedTaskRunner:
+        return type(self)(self.inner)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the parent's runner: a task's context carries its flow (and so this) to
+        a Ray worker, where the running runner (its threads, its context tokens) is neither
+        picklable nor of any use."""
+        return {**self.__dict__, "inner": None}
+
+    def submit(self, task, parameters: dict[str, Any],
+               wait_for: Iterable[PrefectFuture[Any]] | None = None,
+               dependencies=None) -> PrefectFuture[Any]:
+        if self.inner is None:
+            raise RuntimeError("a part's tasks are submitted from the flow run's own process")
+        return self.inner.submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+
 class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
     """Prefect's process pool, with each task run's upstream task runs recorded.
 
@@ -91,6 +121,8 @@ class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
 def runner_name(runner: TaskRunner | None) -> str:
     """A task runner as `--runner` names it: ray, threads, processes or sequential."""
 
+    if isinstance(runner, SharedTaskRunner):
+        return runner_name(runner.inner)
     if isinstance(runner, AutoTaskRunner):
         return runner_name(runner.chosen) if runner.chosen else "auto"
     if isinstance(runner, RayTaskRunner):

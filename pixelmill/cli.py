@@ -288,7 +288,7 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     printed; nothing is written and no server or Ray is started (Prefect only to load a
     credentials block)."""
     from pixelmill import pipeline
-    from pixelmill.layout import cap_chunk_size, choose_chunk_size, run_stamp
+    from pixelmill.layout import PART_IMAGES, run_stamp
     from pixelmill.models import Job
     from pixelmill.spec import auto_runner
 
@@ -304,9 +304,7 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
         storages = open_storage(source), open_storage(dest, destination=True)
     found = pipeline.survey(*storages, job)
     to_make = found.to_make
-    cores = os.cpu_count() or 1
-    size = cap_chunk_size(to_make, chunk_size or choose_chunk_size(
-        to_make, cores, found.to_make_bytes / to_make if to_make else None))
+    chunks, size = found.chunks(chunk_size, os.cpu_count() or 1)
     runner, why = _with_address(runner, ray_address)
     if runner == "auto":
         runner, reason = auto_runner(to_make)
@@ -322,8 +320,11 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     for image in found.first_rejected:
         out.print(f"  refused {image.source}: {image.error}", highlight=False)
     if to_make:
-        out.print(f"would make {to_make} in {-(-to_make // size)} chunks of up to "
-                  f"{size}, runner {runner} ({why})", highlight=False)
+        parts = (f" in {found.parts_to_make} parts (a child flow run each; the listing is "
+                 f"planned in {found.parts} parts of about {PART_IMAGES} images)"
+                 if found.parts > 1 else "")
+        out.print(f"would make {to_make} in {chunks} chunks of up to {size}{parts}, runner "
+                  f"{runner} ({why})", highlight=False)
     return EXIT_OK
 
 

@@ -275,12 +275,26 @@ def render_index(report: RunReport, sheets: list[str], page_size: int = PAGE_SIZ
     first; the images themselves, or links to pages of `page_size` images when there are
     more."""
     shown = report.shown
-    failed = report.failures
+    pages = [(number, len(part), part[0].source, part[-1].source)
+             for number, _, part in _pages(shown, page_size)]
+    return _index(report, sheets, report.failures, len(shown), None if pages else shown, pages)
+
+
+def _index(report: RunReport, sheets: list[str], failed: Sequence[ImageResult],
+           shown_total: int, inline: Sequence[ImageResult] | None,
+           pages: Sequence[tuple[int, int, str, str]]) -> str:
+    """The index page: the failures (`failed`; `report.counts.failed` of them in all), then
+    the images `inline`, or the `pages` as (number, images, first source, last source)."""
     rows = "".join(
         f"<tr><td>{_text(image.source)}</td><td>{_text(image.error)}</td></tr>" for image in failed
     )
+    more = report.counts.failed - len(failed)
+    if more > 0:
+        rows += (f'<tr><td colspan="2">… and {more} more in '
+                 f'<a href="../{_text(quote(report.images_file))}">'
+                 f"{_text(report.images_file)}</a></td></tr>")
     failures = (
-        f'<h2 class="failed">Failed ({len(failed)})</h2><table><tr><th>source</th>'
+        f'<h2 class="failed">Failed ({report.counts.failed})</h2><table><tr><th>source</th>'
         f"<th>reason</th></tr>{rows}</table>" if failed else ""
     )
     sheet_links = " ".join(
@@ -291,31 +305,104 @@ def render_index(report: RunReport, sheets: list[str], page_size: int = PAGE_SIZ
               f'{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">'
               f'report.json</a> · <a href="../{_text(quote(report.images_file))}">'
               f"{_text(report.images_file)}</a></div>")
-    pages = _pages(shown, page_size)
-    if not pages:
-        images = _images_html(shown, 0)
+    if inline is not None:
+        images = _images_html(inline, 0)
     else:
         images = '<ol class="pages">' + "".join(
-            f'<li><a href="{_page_name(number)}">page {number}</a>: {len(part)} images, '
-            f"{_text(part[0].source)} … {_text(part[-1].source)}</li>"
-            for number, _, part in pages) + "</ol>"
+            f'<li><a href="{_page_name(number)}">page {number}</a>: {count} images, '
+            f"{_text(first)} … {_text(last)}</li>"
+            for number, count, first, last in pages) + "</ol>"
     return _document(report, "", header,
-                     f"{failures}\n<h2>Images ({len(shown)})</h2>{images}")
+                     f"{failures}\n<h2>Images ({shown_total})</h2>{images}")
 
 
 def render_page(report: RunReport, number: int, count: int, offset: int,
-                images: Sequence[ImageResult]) -> str:
-    """Page `number` of `count`: its images, with links to the index and its neighbours."""
+                images: Sequence[ImageResult], total: int | None = None) -> str:
+    """Page `number` of `count`: its images, with links to the index and its neighbours.
+    `total`: the images shown in the whole gallery (default: the report's)."""
     links = ['<a href="index.html">index</a>']
     if number > 1:
         links.append(f'<a href="{_page_name(number - 1)}">previous page</a>')
     if number < count:
         links.append(f'<a href="{_page_name(number + 1)}">next page</a>')
     nav = f'<div class="nav">{" · ".join(links)}</div>'
+    total = len(report.shown) if total is None else total
     return _document(report, f" · page {number} of {count}", nav,
                      f"<h2>Images {offset + 1}–{offset + len(images)} of "
-                     f"{len(report.shown)}</h2>{_images_html(images, offset)}\n{nav}",
+                     f"{total}</h2>{_images_html(images, offset)}\n{nav}",
                      this_run=False)
+
+
+def _write_page(report: RunReport, destination: Storage, held: dict[str, str], number: int,
+                count: int, offset: int, images: Sequence[ImageResult], total: int) -> None:
+    """Write a page unless the run folder holds it with the same content (its stamp)."""
+    page = render_page(report, number, count, offset, images, total).encode("utf-8")
+    key = report.job.run_file(f"gallery/{_page_name(number)}")
+    stamp = hashlib.sha256(page).hexdigest()[:32]
+    if held.get(key) != stamp:
+        destination.write(key, page, "text/html; charset=utf-8", {provenance.MADE: stamp})
+
+
+def _drop_pages_beyond(destination: Storage, held: dict[str, str], count: int) -> None:
+    for key in held:
+        found = re.fullmatch(r".*/gallery/page-(\d+)\.html", key)
+        if found and int(found.group(1)) > count:
+            destination.delete(key)
+
+
+def build_gallery_of_parts(report: RunReport, destination: Storage, records: Sequence[str],
+                           page_size: int = PAGE_SIZE) -> str:
+    """The gallery, images.jsonl and (last) report.json of a run planned in parts, from the
+    parts' record files (run-relative keys, in order): read one at a time, one page of
+    images held at a time. `report.images` holds the first failures, `report.counts` all."""
+    job = report.job
+    destination.tidy(report.run)
+    held = {info.key: info.metadata.get(provenance.MADE, "")
+            for info in destination.list(f"{report.run}/gallery/")}
+    shown_total = report.counts.ok + report.counts.skipped
+    inline: list[ImageResult] | None = [] if shown_total <= page_size else None
+    count = 0 if inline is not None else -(-shown_total // page_size)
+    pages: list[tuple[int, int, str, str]] = []
+    page: list[ImageResult] = []
+    tiles: list[ImageResult] = []
+    lines: list[str] = []
+    offset = 0
+    for key in records:
+        text = destination.read(f"{job.run}/{key}").decode("utf-8")
+        for line in text.splitlines():
+            image = ImageResult.model_validate_json(line)
+            lines.append(json.dumps(image.report_entry(), separators=(", ", ": ")))
+            if image.status == "failed":
+                continue
+            if len(tiles) < MAX_SHEET_TILES:
+                tiles.append(image)
+            if inline is not None:
+                inline.append(image)
+                continue
+            page.append(image)
+            if len(page) == page_size:
+                _write_page(report, destination, held, len(pages) + 1, count, offset, page,
+                            shown_total)
+                pages.append((len(pages) + 1, len(page), page[0].source, page[-1].source))
+                offset += len(page)
+                page = []
+    if page:
+        _write_page(report, destination, held, len(pages) + 1, count, offset, page, shown_total)
+        pages.append((len(pages) + 1, len(page), page[0].source, page[-1].source))
+    _drop_pages_beyond(destination, held, len(pages))
+    sheets = _sheets_of(tiles)
+    sheet_keys = threaded_map(lambda sheet: _sheet(job, destination, *sheet, held), sheets,
+                              max(1, min(len(sheets), os.cpu_count() or 1)))
+    index_key = job.run_file("gallery/index.html")
+    destination.write(index_key, _index(report, sheet_keys, report.failures, shown_total,
+                                        inline, pages).encode("utf-8"),
+                      "text/html; charset=utf-8")
+    destination.write(job.run_file(IMAGES_FILE),
+                      ("\n".join(lines) + "\n" if lines else "").encode("utf-8"),
+                      "application/x-ndjson")
+    destination.write(job.run_file("report.json"), report.to_json().encode("utf-8"),
+                      "application/json")
+    return index_key
 
 
 def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE_SIZE) -> str:
@@ -330,15 +417,9 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     sheets = contact_sheets(report, destination, held)
     pages = _pages(report.shown, page_size)
     for number, offset, images in pages:
-        page = render_page(report, number, len(pages), offset, images).encode("utf-8")
-        key = report.job.run_file(f"gallery/{_page_name(number)}")
-        stamp = hashlib.sha256(page).hexdigest()[:32]
-        if held.get(key) != stamp:
-            destination.write(key, page, "text/html; charset=utf-8", {provenance.MADE: stamp})
-    for key in held:
-        found = re.fullmatch(r".*/gallery/page-(\d+)\.html", key)
-        if found and int(found.group(1)) > len(pages):
-            destination.delete(key)
+        _write_page(report, destination, held, number, len(pages), offset, images,
+                    len(report.shown))
+    _drop_pages_beyond(destination, held, len(pages))
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),
                       "text/html; charset=utf-8")

@@ -103,9 +103,26 @@ class ChunkResult(Frozen):
     node: str = ""
 
 
+class PartRef(Frozen):
+    """One part of a run planned in parts: where its plan is (relative to the run folder)
+    and what it holds."""
+
+    number: int
+    plan: str
+    images: int  # to make
+    kept: int = 0
+    rejected: int = 0
+    item_bytes: int = 0  # listed bytes of the images to make
+
+    @property
+    def label(self) -> str:
+        return f"{self.number:04d}"
+
+
 class Plan(Frozen):
     """What discovery found: the chunks to process, the images whose outputs are all kept
-    from an earlier run, and the objects refused up front."""
+    from an earlier run, and the objects refused up front; or, for a run too big for one
+    flow run, its `parts` (each one's plan is in the run folder)."""
 
     discovered: int
     chunks: tuple[Chunk, ...]
@@ -113,6 +130,7 @@ class Plan(Frozen):
     kept: tuple[ImageResult, ...] = ()
     chunk_size: int
     ignored: int = 0  # objects that are not images (listed in manifest.json)
+    parts: tuple[PartRef, ...] = ()
 
 
 class ChunkSummary(Frozen):
@@ -125,6 +143,7 @@ class ChunkSummary(Frozen):
     nodes: dict[str, str] | None = None  # the Ray node id each stage ran on (on Ray only)
     error: str | None = None
     finished_s: float | None = None  # seconds from the flow's start to this chunk's end
+    part: int | None = None  # the part it belongs to, in a run planned in parts
 
 
 class Counts(BaseModel):
@@ -132,6 +151,18 @@ class Counts(BaseModel):
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+
+
+class PartSummary(Frozen):
+    """What a part's child flow run did: its counts and chunks, its first failures, and the
+    file of its per-image records (JSON lines by source, relative to the run folder)."""
+
+    number: int
+    records: str
+    counts: Counts
+    chunks: tuple[ChunkSummary, ...] = ()
+    failures: tuple[ImageResult, ...] = ()
+    state: str = "Completed"
 
 
 class RunnerChoice(BaseModel):
@@ -161,6 +192,9 @@ class RunReport(BaseModel):
     chunks: list[ChunkSummary] = Field(default_factory=list)
     started_at: str | None = None  # UTC ISO time the flow started (duration_s counts from it)
     runner: RunnerChoice | None = None
+    # A run planned in parts: how many, and `images` holds only (the first) failures; the
+    # records are written from the parts' files (`gallery.build_gallery_of_parts`).
+    parts: int = 0
 
     @classmethod
     def build(
@@ -172,11 +206,14 @@ class RunReport(BaseModel):
         chunks: list[ChunkSummary] | None = None,
         started_at: str | None = None,
         runner: RunnerChoice | None = None,
+        counts: Counts | None = None,
+        parts: int = 0,
     ) -> RunReport:
         images = sorted(images, key=lambda image: image.source)
-        counts = Counts(discovered=discovered)
-        for image in images:
-            setattr(counts, image.status, getattr(counts, image.status) + 1)
+        if counts is None:
+            counts = Counts(discovered=discovered)
+            for image in images:
+                setattr(counts, image.status, getattr(counts, image.status) + 1)
         return cls(
             job=job,
             run=job.run,
@@ -189,6 +226,7 @@ class RunReport(BaseModel):
             chunks=chunks or [],
             started_at=started_at,
             runner=runner,
+            parts=parts,
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -209,6 +247,7 @@ class RunReport(BaseModel):
             **({"runner": self.runner.model_dump()} if self.runner else {}),
             **({"shard": {"index": self.job.shard_index, "count": self.job.shard_count}}
                if self.job.sharded else {}),
+            **({"parts": self.parts} if self.parts else {}),
             "failures": failures,
         }
 
@@ -258,5 +297,6 @@ class RunReport(BaseModel):
 
 __all__ = [
     "Chunk", "ChunkItem", "ChunkResult", "ChunkSummary", "Counts", "ImageResult", "Job",
-    "PipelineSpec", "Plan", "RunnerChoice", "RunReport", "StageResources",
+    "PartRef", "PartSummary", "PipelineSpec", "Plan", "RunnerChoice", "RunReport",
+    "StageResources",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -16,10 +17,10 @@ from pixelmill.imageops import (
     SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
 )
 from pixelmill.layout import (
-    MAX_CHUNKS, PART_IMAGES, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
+    MAX_CHUNKS, PART_IMAGES, RAMP_DIVISOR, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
     is_image_candidate, make_chunks, orphan_output, output_group, ramp_chunks,
 )
-from pixelmill.models import ChunkItem, ChunkResult, ImageResult, Job, Plan
+from pixelmill.models import Chunk, ChunkItem, ChunkResult, ImageResult, Job, PartRef, Plan
 from pixelmill.overlap import Writer, prefetched, threaded_map
 from pixelmill.storage import ObjectInfo, Storage, safe_key
 
@@ -63,6 +64,10 @@ def _held(item: ChunkItem, job: Job, held: dict[str, ObjectInfo]) -> ChunkItem |
                                    "kept_filters": kept_filters})
 
 
+# Where a run planned in parts keeps each part's plan and records while it runs.
+PLAN_FOLDER = ".pixelmill-plan"
+# Refused and ignored keys a parted run's manifest.json lists (each part's plan has its own).
+MANIFEST_LIST = 1000
 # Objects sniffed together (their first bytes read concurrently), and the most listed objects
 # held while waiting for a batch to fill.
 SNIFF_BATCH = 64
@@ -279,6 +284,23 @@ class Survey:
     ignored: int = 0
     parts: int = 0
     first_rejected: list[ImageResult] = field(default_factory=list)
+    work: list[tuple[int, int]] = field(default_factory=list)  # each part: (to make, bytes)
+
+    def chunks(self, chunk_size: int | None, cores: int) -> tuple[int, int]:
+        """(chunks, largest chunk size) a run would cut: one plan, or each part's."""
+        if self.parts <= 1:
+            size, ramp = chunking(self.to_make, self.to_make_bytes, chunk_size, cores)
+            return part_chunks(PartRef(number=1, plan="", images=self.to_make,
+                                       item_bytes=self.to_make_bytes), chunk_size, cores), size
+        refs = [PartRef(number=n, plan="", images=images, item_bytes=size)
+                for n, (images, size) in enumerate(self.work, start=1) if images]
+        return (sum(part_chunks(ref, chunk_size, cores) for ref in refs),
+                max((chunking(ref.images, ref.item_bytes, chunk_size, cores)[0]
+                     for ref in refs), default=0))
+
+    @property
+    def parts_to_make(self) -> int:
+        return sum(1 for images, _ in self.work if images)
 
 
 def survey(source: Storage, destination: Storage, job: Job,
@@ -294,57 +316,143 @@ def survey(source: Storage, destination: Storage, job: Job,
         found.rejected += len(part.rejected)
         found.ignored += len(part.ignored)
         found.first_rejected += part.rejected[: max(0, 10 - len(found.first_rejected))]
+        found.work.append((len(part.items), part.item_bytes))
     return found
 
 
+def chunking(images: int, item_bytes: int, chunk_size: int | None, cores: int
+             ) -> tuple[int, int]:
+    """(chunk size, ramp) for `images` to make of `item_bytes` listed bytes: `chunk_size`,
+    or one chosen from their count, mean size and the cores; never more than MAX_CHUNKS
+    chunks."""
+    mean_bytes = item_bytes / images if images else None
+    size = cap_chunk_size(images, chunk_size or choose_chunk_size(images, cores, mean_bytes))
+    return size, 0 if chunk_size else ramp_chunks(images, size, cores, mean_bytes)
+
+
+def cut_chunks(items: list[ChunkItem], item_bytes: int, chunk_size: int | None,
+               cores: int) -> tuple[list[Chunk], int]:
+    """Chunks of the images to make (`chunking`), and the chunk size."""
+    size, ramp = chunking(len(items), item_bytes, chunk_size, cores)
+    if chunk_size and size != chunk_size:
+        log.warning("--chunk-size %d would make %d chunks of %d images, more than the %d a "
+                    "flow run keeps to: using %d", chunk_size, -(-len(items) // chunk_size),
+                    len(items), MAX_CHUNKS, size)
+    return make_chunks(items, size, ramp), size
+
+
+def part_chunks(part: PartRef, chunk_size: int | None, cores: int) -> int:
+    """How many chunks `cut_chunks` makes of a part."""
+    size, ramp = chunking(part.images, part.item_bytes, chunk_size, cores)
+    small = max(1, size // RAMP_DIVISOR)
+    ramped = min(ramp, -(-part.images // small))
+    return ramped + -(-max(0, part.images - ramped * small) // size)
+
+
+def _part_key(job: Job, name: str) -> str:
+    return job.run_file(f"{PLAN_FOLDER}/{name}")
+
+
+def write_part(destination: Storage, job: Job, part: PartPlan) -> PartRef:
+    """Put one part's plan in the run folder (for its child flow run); returns its ref."""
+    key = _part_key(job, f"part-{part.number:04d}.json")
+    document = {"items": [item.model_dump(mode="json", exclude_defaults=True)
+                          for item in part.items],
+                "kept": [image.model_dump(mode="json", exclude_defaults=True)
+                         for image in part.kept],
+                "rejected": [image.model_dump(mode="json", exclude_defaults=True)
+                             for image in part.rejected]}
+    destination.write(key, json.dumps(document, separators=(",", ":")).encode(),
+                      "application/json")
+    return PartRef(number=part.number, plan=key.removeprefix(f"{job.run}/"),
+                   images=len(part.items), kept=len(part.kept), rejected=len(part.rejected),
+                   item_bytes=part.item_bytes)
+
+
+def read_part(destination: Storage, job: Job, ref: PartRef
+              ) -> tuple[list[ChunkItem], list[ImageResult]]:
+    """A part's images to make, and its decided ones (kept and refused)."""
+    document = json.loads(destination.read(f"{job.run}/{ref.plan}"))
+    items = [ChunkItem.model_validate(item) for item in document["items"]]
+    decided = [ImageResult.model_validate(image)
+               for image in (*document["kept"], *document["rejected"])]
+    return items, decided
+
+
+def write_records(destination: Storage, job: Job, number: int,
+                  images: Iterable[ImageResult]) -> str:
+    """A part's per-image records, sorted by source, one JSON object a line; returns the
+    file's key relative to the run folder."""
+    key = _part_key(job, f"records-{number:04d}.jsonl")
+    lines = "".join(image.model_dump_json(exclude_defaults=True) + "\n"
+                    for image in sorted(images, key=lambda image: image.source))
+    destination.write(key, lines.encode("utf-8"), "application/x-ndjson")
+    return key.removeprefix(f"{job.run}/")
+
+
+def read_records(destination: Storage, job: Job, records: str) -> Iterator[ImageResult]:
+    for line in destination.read(f"{job.run}/{records}").decode("utf-8").splitlines():
+        yield ImageResult.model_validate_json(line)
+
+
 def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,
-             cores: int = 1, write_manifest: bool = True) -> Plan:
-    """The whole plan (`plan_parts`, every part), written to manifest.json, with chunks cut
-    from the images still to make.
+             cores: int = 1, write_manifest: bool = True,
+             part_images: int = PART_IMAGES) -> Plan:
+    """The run's plan (`plan_parts`). One part: its chunks, cut from the images still to
+    make, with every image in manifest.json. More: each part's plan is written to the run
+    folder (`write_part`) as it is made, and the plan names the parts; manifest.json then
+    holds the parts and the counts.
 
     `chunk_size` None picks one from the image count and the cores (`choose_chunk_size`).
     `write_manifest` False writes nothing (`pixelmill run --dry-run`).
     """
-    items: list[ChunkItem] = []
-    kept: list[ImageResult] = []
-    rejected: list[ImageResult] = []
-    ignored: list[str] = []
-    entries: list[dict] = []
-    item_bytes = 0
-    for part in plan_parts(source, destination, job):
-        items += part.items
-        kept += part.kept
-        rejected += part.rejected
-        ignored += part.ignored
-        entries += part.manifest
-        item_bytes += part.item_bytes
-    discovered = len(entries) + len(rejected)
-    asked = chunk_size
-    mean_bytes = item_bytes / len(items) if items else None
-    chunk_size = cap_chunk_size(len(items),
-                                chunk_size or choose_chunk_size(len(items), cores, mean_bytes))
-    if asked and chunk_size != asked:
-        log.warning("--chunk-size %d would make %d chunks of %d images, more than the %d a "
-                    "flow run keeps to: using %d", asked, -(-len(items) // asked), len(items),
-                    MAX_CHUNKS, chunk_size)
-    ramp = 0 if asked else ramp_chunks(len(items), chunk_size, cores, mean_bytes)
-    chunks = make_chunks(items, chunk_size, ramp)
+    parts = plan_parts(source, destination, job, part_images)
+    first = next(parts, None) or PartPlan(number=1)
+    second = next(parts, None)
+    if second is None:
+        chunks, size = cut_chunks(first.items, first.item_bytes, chunk_size, cores)
+        manifest = {
+            "run": job.run,
+            "source": job.source,
+            "images": first.manifest,
+            "rejected": [{"source": r.source, "error": r.error} for r in first.rejected],
+            "ignored": first.ignored,
+            "kept": len(first.kept),
+            "chunk_size": size,
+            "chunks": len(chunks),
+        }
+        if write_manifest:  # compact: the C encoder, 20x faster
+            destination.write(job.run_file("manifest.json"),
+                              json.dumps(manifest, separators=(",", ":")).encode(),
+                              "application/json")
+        return Plan(discovered=len(first.manifest) + len(first.rejected), chunks=tuple(chunks),
+                    rejected=tuple(first.rejected), kept=tuple(first.kept), chunk_size=size,
+                    ignored=len(first.ignored))
+    refs: list[PartRef] = []
+    discovered = ignored = 0
+    rejected: list[dict] = []
+    ignored_keys: list[str] = []
+    for part in itertools.chain((first, second), parts):
+        refs.append(write_part(destination, job, part))
+        discovered += len(part.manifest) + len(part.rejected)
+        ignored += len(part.ignored)
+        rejected += [{"source": r.source, "error": r.error}
+                     for r in part.rejected[: max(0, MANIFEST_LIST - len(rejected))]]
+        ignored_keys += part.ignored[: max(0, MANIFEST_LIST - len(ignored_keys))]
     manifest = {
         "run": job.run,
         "source": job.source,
-        "images": entries,
-        "rejected": [{"source": r.source, "error": r.error} for r in rejected],
-        "ignored": ignored,
-        "kept": len(kept),
-        "chunk_size": chunk_size,
-        "chunks": len(chunks),
+        "discovered": discovered,
+        "parts": [ref.model_dump(exclude={"plan"}) for ref in refs],
+        "rejected": rejected,
+        "ignored": ignored_keys,
+        "ignored_total": ignored,
+        "kept": sum(ref.kept for ref in refs),
     }
-    if write_manifest:  # compact: the C encoder, 20x faster
-        destination.write(job.run_file("manifest.json"),
-                          json.dumps(manifest, separators=(",", ":")).encode(),
-                          "application/json")
-    return Plan(discovered=discovered, chunks=tuple(chunks), rejected=tuple(rejected),
-                kept=tuple(kept), chunk_size=chunk_size, ignored=len(ignored))
+    destination.write(job.run_file("manifest.json"),
+                      json.dumps(manifest, separators=(",", ":")).encode(), "application/json")
+    return Plan(discovered=discovered, chunks=(), chunk_size=0, ignored=ignored,
+                parts=tuple(refs))
 
 
 def _kept_outputs(item: ChunkItem) -> dict[str, str]:

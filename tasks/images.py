@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.tasks import exponential_backoff
 
 from pixelmill import gallery, pipeline
+from pixelmill.layout import PART_IMAGES
 from pixelmill.models import Chunk, ChunkResult, ImageResult, Job, Plan, RunReport
 from tasks.storage import destination_storage, source_storage
 
@@ -79,11 +80,18 @@ def _log_failures(images: list[ImageResult], stage: str, label: str) -> None:
 
 
 @task(name="discover", **_RETRYING)
-def discover(job: Job, chunk_size: int | None = None, cores: int = 1) -> Plan:
+def discover(job: Job, chunk_size: int | None = None, cores: int = 1,
+             part_size: int = PART_IMAGES) -> Plan:
     """List the source and the run folder, write manifest.json, return chunks of the keys
-    still to make."""
+    still to make (or, past `part_size` images, the parts, each one's plan written)."""
     plan = pipeline.discover(source_storage(job), destination_storage(job), job, chunk_size,
-                             cores)
+                             cores, part_images=part_size)
+    if plan.parts:
+        get_run_logger().info(
+            "%d images in %d parts: %d kept from an earlier run, %d to make, %d refused at "
+            "discovery", plan.discovered, len(plan.parts), sum(p.kept for p in plan.parts),
+            sum(p.images for p in plan.parts), sum(p.rejected for p in plan.parts))
+        return plan
     get_run_logger().info(
         "%d images: %d kept from an earlier run, %d to make in %d chunks of up to %d, "
         "%d refused at discovery", plan.discovered, len(plan.kept),
@@ -117,3 +125,15 @@ def filter_chunk(job: Job, resized: ChunkResult) -> ChunkResult:
 def build_gallery(job: Job, report: RunReport) -> str:
     """Write the gallery page, contact sheets and report.json; returns the index key."""
     return gallery.build_gallery(report, destination_storage(job))
+
+
+@task(name="build-gallery", **_RETRYING)
+def build_gallery_of_parts(job: Job, report: RunReport, records: list[str]) -> str:
+    """The gallery, images.jsonl and report.json of a run planned in parts, from the parts'
+    record files; returns the index key."""
+    index = gallery.build_gallery_of_parts(report, destination_storage(job), records)
+    storage = destination_storage(job)
+    for key in records:  # the parts' plans and records are in the run's files now
+        storage.delete(f"{job.run}/{key}")
+        storage.delete(f"{job.run}/{key.replace('/records-', '/part-').replace('.jsonl', '.json')}")
+    return index
