@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup debs demo test bench bench-extra bench-gcs bench-memory bench-rerun clean
+.PHONY: setup debs demo test bench bench-extra bench-gcs bench-memory bench-rerun bench-scale clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ bench-memory: setup
 # of the first run's time
 bench-rerun: setup
 	$(BIN)/python bench/rerun.py
+
+# 200,000 small images end to end (against the kernel ceiling), a dry run over 1,000,000
+# listed files and discovery's object reads in the GCS emulator (SCALE_ARGS= changes them)
+bench-scale: setup
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

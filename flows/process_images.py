@@ -355,7 +355,7 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
     plan: Plan = discover(job, chunk_size, cpus, part_size)
     if plan.parts:
         return _process_parts(job, plan, chunk_size, resize_resources, filter_resources, cpus,
-                              started, started_at, result_storage)
+                              started, started_at, result_storage, part_size)
     images = sum(len(chunk.items) for chunk in plan.chunks)
     runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
     progress.planned(len(plan.chunks), images, len(plan.rejected), len(plan.kept))
@@ -406,98 +406,139 @@ def _finish(job: Job, report: RunReport, index: str, summaries: Sequence[ChunkSu
     return report
 
 
-@flow(name="process-images-part", log_prints=True, retries=PART_RETRIES)
-def process_part(job: Job, part: PartRef, chunk_size: int | None = None,
-                 resize_resources: StageResources = StageResources(),
-                 filter_resources: StageResources = StageResources(), cores: int = 1,
-                 result_storage: str | None = None) -> PartSummary:
-    """One part of a run too big for one flow run: its chunks, on the parent's runner, and
-    its per-image records written to the run folder. A retry makes the part again."""
-    started = time.monotonic()
+def _batches(parts: Sequence[PartRef], part_size: int) -> list[list[PartRef]]:
+    """The parts with images to make, grouped in order so that a group has at most
+    `part_size` images to make (a part with more is a group of its own): a re-run that makes
+    a few images in each of many parts makes them in one group."""
+    groups: list[list[PartRef]] = []
+    images = 0
+    for part in parts:
+        if not part.images:
+            continue
+        if groups and images + part.images <= part_size:
+            groups[-1].append(part)
+            images += part.images
+        else:
+            groups.append([part])
+            images = part.images
+    return groups
+
+
+def _make_parts(job: Job, parts: Sequence[PartRef], chunk_size: int | None,
+                resize_resources: StageResources, filter_resources: StageResources,
+                cores: int, result_storage: str | None, started: float
+                ) -> list[PartSummary]:
+    """The images to make of consecutive `parts`, in one set of chunks on the flow's runner;
+    each part's records written (`_record_parts`)."""
     destination = destination_storage(job)
-    items, decided = pipeline.read_part(destination, job, part)
-    chunks, _ = pipeline.cut_chunks(items, part.item_bytes, chunk_size, cores)
+    items = [item for part in parts for item in pipeline.read_part(destination, job, part)[0]]
+    chunks, _ = pipeline.cut_chunks(items, sum(part.item_bytes for part in parts), chunk_size,
+                                    cores)
     resize_task, filter_task = _persisting(result_storage)
     made, chunk_summaries = _run_chunks(job, chunks, resize_task, filter_task, resize_resources,
-                                        filter_resources, cores, started, part=part.number)
-    images = [*decided, *made]
-    counts = Counts(discovered=len(images))
-    for image in images:
-        setattr(counts, image.status, getattr(counts, image.status) + 1)
-    records = pipeline.write_records(destination, job, part.number, images)
-    failures = sorted((image for image in images if image.status == "failed"),
-                      key=lambda image: image.source)[:MAX_REPORT_FAILURES]
-    failed = sum(chunk.state != "Completed" for chunk in chunk_summaries)
-    get_run_logger().info("part %s: %d made, %d failed, %d kept in %d chunks", part.label,
-                          counts.ok, counts.failed, counts.skipped, len(chunks))
-    return PartSummary(number=part.number, records=records, counts=counts,
-                       chunks=tuple(chunk_summaries), failures=tuple(failures),
-                       state="Failed" if failed else "Completed")
+                                        filter_resources, cores, started,
+                                        part=parts[0].number)
+    summaries = _record_parts(job, parts, {image.source: image for image in made})
+    # the chunks go with the first part (a failed chunk fails the run, not the part)
+    return [summaries[0].model_copy(update={"chunks": tuple(chunk_summaries)}),
+            *summaries[1:]]
 
 
-def _part_not_run(job: Job, part: PartRef, reason: str | None) -> PartSummary:
-    """A part without a child flow run (nothing to make), or one whose child flow run failed
-    for good (`reason`): its decided images as they are, its images to make failed."""
+def _record_parts(job: Job, parts: Sequence[PartRef], made: dict[str, ImageResult],
+                  reason: str | None = None) -> list[PartSummary]:
+    """Write each part's records: its decided images (kept, refused) and its images to make
+    as `made` has them, or failed with `reason` (a part whose flow run failed for good)."""
     destination = destination_storage(job)
-    items, decided = pipeline.read_part(destination, job, part)
-    failed = [ImageResult(source=item.source, status="failed", error=reason)
-              for item in items] if reason else []
-    images = [*decided, *failed]
-    counts = Counts(discovered=len(images))
-    for image in images:
-        setattr(counts, image.status, getattr(counts, image.status) + 1)
-    return PartSummary(
-        number=part.number, records=pipeline.write_records(destination, job, part.number, images),
-        counts=counts, failures=tuple(sorted((image for image in images
-                                              if image.status == "failed"),
-                                             key=lambda image: image.source)[:MAX_REPORT_FAILURES]),
-        state="Failed" if reason else "Completed")
+    summaries = []
+    for part in parts:
+        items, records = pipeline.read_part(destination, job, part)
+        records += [pipeline.record(made.get(item.source) or ImageResult(
+            source=item.source, status="failed", error=reason or "not made")) for item in items]
+        counts = Counts(discovered=len(records))
+        for entry in records:
+            setattr(counts, entry["status"], getattr(counts, entry["status"]) + 1)
+        failures = sorted((pipeline.from_record(entry) for entry in records
+                           if entry["status"] == "failed"),
+                          key=lambda image: image.source)[:MAX_REPORT_FAILURES]
+        summaries.append(PartSummary(
+            number=part.number, records=pipeline.write_records(destination, job, part.number,
+                                                               records),
+            counts=counts, failures=tuple(failures),
+            state="Failed" if reason else "Completed"))
+    return summaries
+
+
+@flow(name="process-images-part", log_prints=True, retries=PART_RETRIES)
+def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
+                 resize_resources: StageResources = StageResources(),
+                 filter_resources: StageResources = StageResources(), cores: int = 1,
+                 result_storage: str | None = None) -> list[PartSummary]:
+    """Consecutive parts of a run too big for one flow run: their images to make in chunks
+    on the parent's runner, and each part's records written to the run folder. A retry
+    makes them again."""
+    summaries = _make_parts(job, parts, chunk_size, resize_resources, filter_resources, cores,
+                            result_storage, time.monotonic())
+    counts = [summary.counts for summary in summaries]
+    get_run_logger().info("parts %s-%s: %d made, %d failed, %d kept", parts[0].label,
+                          parts[-1].label, sum(c.ok for c in counts),
+                          sum(c.failed for c in counts), sum(c.skipped for c in counts))
+    return summaries
 
 
 def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
                    resize_resources: StageResources, filter_resources: StageResources,
-                   cpus: int, started: float, started_at: str, result_storage: str | None):
-    """A run planned in parts: each part with images to make is a child flow run on this
-    flow's runner, one after the other; then one report and one gallery for them all."""
+                   cpus: int, started: float, started_at: str, result_storage: str | None,
+                   part_size: int):
+    """A run planned in parts. Their images to make go in groups of up to `part_size`
+    (`_batches`); with one group it runs in this flow run, with more each group is a child
+    flow run, one after the other on this flow's runner. Then one report and one gallery."""
     logger = get_run_logger()
     images = sum(part.images for part in plan.parts)
     runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
-    progress.planned(sum(pipeline.part_chunks(part, chunk_size, cpus) for part in plan.parts),
-                     images,
-                     sum(part.rejected for part in plan.parts),
-                     sum(part.kept for part in plan.parts))
+    batches = _batches(plan.parts, part_size)
+    progress.planned(sum(pipeline.part_chunks(PartRef(
+        number=batch[0].number, plan="", images=sum(part.images for part in batch),
+        item_bytes=sum(part.item_bytes for part in batch)), chunk_size, cpus)
+        for batch in batches), images, sum(part.rejected for part in plan.parts),
+        sum(part.kept for part in plan.parts))
     progress_artifact = create_progress_artifact(
         0.0, key=_artifact_key("progress", job),
-        description=f"share of the {len(plan.parts)} parts done ({images} images to make)")
+        description=f"share of the {len(batches)} parts done ({images} images to make)")
     part_flow = process_part.with_options(task_runner=SharedTaskRunner(_task_runner()))
-    summaries: list[PartSummary] = []
-    for part in plan.parts:
-        if not part.images:
-            summaries.append(_part_not_run(job, part, None))
+    done: dict[int, PartSummary] = {}
+    for number, batch in enumerate(batches, start=1):
+        if len(batches) == 1:
+            summaries = _make_parts(job, batch, chunk_size, resize_resources, filter_resources,
+                                    cpus, result_storage, started)
         else:
-            state = part_flow.with_options(flow_run_name=f"{job.run}-part-{part.label}")(
-                job=job, part=part, chunk_size=chunk_size, resize_resources=resize_resources,
+            name = f"{job.run}-part-{batch[0].label}" + (
+                f"-{batch[-1].label}" if len(batch) > 1 else "")
+            state = part_flow.with_options(flow_run_name=name)(
+                job=job, parts=batch, chunk_size=chunk_size, resize_resources=resize_resources,
                 filter_resources=filter_resources, cores=cpus, result_storage=result_storage,
                 return_state=True)
             if state.is_completed():
-                summaries.append(state.result())
+                summaries = state.result()
             else:
-                reason = f"part {part.label} failed: {state.message or state.name}"
+                reason = f"part {name} failed: {state.message or state.name}"
                 logger.error(reason)
-                summaries.append(_part_not_run(job, part, reason))
-        update_progress_artifact(progress_artifact, 100.0 * len(summaries) / len(plan.parts))
+                summaries = _record_parts(job, batch, {}, reason)
+        done.update((summary.number, summary) for summary in summaries)
+        update_progress_artifact(progress_artifact, 100.0 * number / len(batches))
+    ordered = [done.get(part.number) or _record_parts(job, [part], {})[0]
+               for part in plan.parts]  # a part with nothing to make: its records as decided
     counts = Counts(discovered=plan.discovered)
-    for part_summary in summaries:
+    for part_summary in ordered:
         for status in ("ok", "failed", "skipped"):
             setattr(counts, status,
                     getattr(counts, status) + getattr(part_summary.counts, status))
-    failures = [image for part_summary in summaries
+    failures = [image for part_summary in ordered
                 for image in part_summary.failures][:MAX_REPORT_FAILURES]
-    chunks = [chunk for part_summary in summaries for chunk in part_summary.chunks]
+    chunks = [chunk for part_summary in ordered for chunk in part_summary.chunks]
     report = RunReport.build(job, plan.discovered, failures, time.monotonic() - started, chunks,
                              started_at, runner, counts=counts, parts=len(plan.parts))
-    index = build_gallery_of_parts(job, report, [s.records for s in summaries])
-    failed_parts = sum(s.state != "Completed" and not s.chunks for s in summaries)
+    index = build_gallery_of_parts(job, report, [s.records for s in ordered])
+    failed_parts = sum(s.state != "Completed" for s in ordered)
     return _finish(job, report, index, chunks, failed_parts)
 
 

@@ -166,7 +166,8 @@ def _local_ray() -> tuple[str, dict[str, str]]:
 
 
 def _checked(source: str, dest: str, runner: str, run_name: str | None,
-             chunk_size: int | None, gcp_credentials_block: str | None) -> tuple[str, str]:
+             chunk_size: int | None, gcp_credentials_block: str | None,
+             part_size: int | None = None) -> tuple[str, str]:
     """A run's arguments checked before anything starts (exit 2 otherwise); returns SOURCE
     and DEST with local paths made absolute: Ray workers do not share this shell's working
     directory (pixelmill's long-lived local Ray runs them in its own folder)."""
@@ -182,6 +183,8 @@ def _checked(source: str, dest: str, runner: str, run_name: str | None,
         check_run_name(run_name)
     if chunk_size is not None and chunk_size < 1:
         raise UsageError(f"--chunk-size {chunk_size}: must be at least 1")
+    if part_size is not None and part_size < 1:
+        raise UsageError(f"--part-size {part_size}: must be at least 1")
     source, dest = (uri if not uri or "://" in uri else str(Path(uri).absolute())
                     for uri in (source, dest))
     return source, dest
@@ -201,9 +204,11 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
             gcp_credentials_block: str | None = None,
             result_storage: str | None = None,
             shared_filesystem: bool = False,
-            why: str | None = None) -> tuple[int, RunReport | None]:
+            why: str | None = None,
+            part_size: int | None = None) -> tuple[int, RunReport | None]:
     """Run the flow in this process with a progress bar; returns (exit status, report)."""
-    source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block)
+    source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block,
+                            part_size)
     _prepare_prefect(verbose)
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     runner, why = _with_address(runner, ray_address, why)
@@ -231,6 +236,7 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
             state = flow(source=source, destination=dest, spec=spec, run_name=run_name,
                          chunk_size=chunk_size, gcp_credentials_block=gcp_credentials_block,
                          result_storage=result_storage, shared_filesystem=shared_filesystem,
+                         **({"part_size": part_size} if part_size else {}),
                          return_state=True)
     except Exception as exc:
         if verbose:
@@ -283,7 +289,7 @@ def _no_heartbeats_unless_asked():
 def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto",
               ray_address: str | None = None, run_name: str | None = None,
               chunk_size: int | None = None, verbose: bool = False,
-              gcp_credentials_block: str | None = None) -> int:
+              gcp_credentials_block: str | None = None, part_size: int | None = None) -> int:
     """`pixelmill run --dry-run`: the same checks and the same listing and decision as a run,
     printed; nothing is written and no server or Ray is started (Prefect only to load a
     credentials block)."""
@@ -292,7 +298,8 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     from pixelmill.models import Job
     from pixelmill.spec import auto_runner
 
-    source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block)
+    source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block,
+                            part_size)
     job = Job(source=source, destination=dest, run=run_name or run_stamp(), spec=spec,
               gcp_credentials_block=gcp_credentials_block)
     if gcp_credentials_block:
@@ -302,7 +309,7 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
         storages = source_storage(job), destination_storage(job)
     else:
         storages = open_storage(source), open_storage(dest, destination=True)
-    found = pipeline.survey(*storages, job)
+    found = pipeline.survey(*storages, job, part_size or PART_IMAGES)
     to_make = found.to_make
     chunks, size = found.chunks(chunk_size, os.cpu_count() or 1)
     runner, why = _with_address(runner, ray_address)
@@ -321,7 +328,7 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
         out.print(f"  refused {image.source}: {image.error}", highlight=False)
     if to_make:
         parts = (f" in {found.parts_to_make} parts (a child flow run each; the listing is "
-                 f"planned in {found.parts} parts of about {PART_IMAGES} images)"
+                 f"planned in {found.parts} parts of about {part_size or PART_IMAGES} images)"
                  if found.parts > 1 else "")
         out.print(f"would make {to_make} in {chunks} chunks of up to {size}{parts}, runner "
                   f"{runner} ({why})", highlight=False)
@@ -429,6 +436,9 @@ def run(
     quality: Annotated[int, typer.Option("--quality")] = 85,
     upscale: Annotated[bool, typer.Option("--upscale", help="enlarge small images")] = False,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size")] = None,
+    part_size: Annotated[Optional[int], typer.Option(
+        "--part-size", help="a run of more images is run in parts of about this many, each "
+                            "a child flow run (default 20000)")] = None,
     runner: Annotated[str, typer.Option(
         "--runner", help="auto (threads or Ray, whichever is faster for the batch on one "
         "machine; Ray with a cluster address) | ray | threads | processes | sequential")] = "auto",
@@ -458,11 +468,12 @@ def run(
         if dry_run:
             return plan_only(source, dest, spec, runner=runner, ray_address=ray_address,
                              run_name=run_name, chunk_size=chunk_size, verbose=verbose,
-                             gcp_credentials_block=gcp_credentials_block)
+                             gcp_credentials_block=gcp_credentials_block, part_size=part_size)
         return execute(source, dest, spec, runner=runner, ray_address=ray_address,
                        run_name=run_name, chunk_size=chunk_size, verbose=verbose,
                        gcp_credentials_block=gcp_credentials_block,
-                       result_storage=result_storage, shared_filesystem=shared_filesystem)[0]
+                       result_storage=result_storage, shared_filesystem=shared_filesystem,
+                       part_size=part_size)[0]
     _guard(command)
 
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pixelmill import provenance
 from pixelmill.models import IMAGES_FILE, Chunk, ImageResult, Job, RunReport
 from pixelmill.overlap import threaded_map
+from pixelmill.pipeline import read_records
 from pixelmill.storage import Storage
 
 log = logging.getLogger("pixelmill")
@@ -368,9 +369,7 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     lines: list[str] = []
     offset = 0
     for key in records:
-        text = destination.read(f"{job.run}/{key}").decode("utf-8")
-        for line in text.splitlines():
-            image = ImageResult.model_validate_json(line)
+        for image in read_records(destination, job, key):
             lines.append(json.dumps(image.report_entry(), separators=(", ", ": ")))
             if image.status == "failed":
                 continue

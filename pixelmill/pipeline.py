@@ -358,41 +358,57 @@ def write_part(destination: Storage, job: Job, part: PartPlan) -> PartRef:
     key = _part_key(job, f"part-{part.number:04d}.json")
     document = {"items": [item.model_dump(mode="json", exclude_defaults=True)
                           for item in part.items],
-                "kept": [image.model_dump(mode="json", exclude_defaults=True)
-                         for image in part.kept],
-                "rejected": [image.model_dump(mode="json", exclude_defaults=True)
-                             for image in part.rejected]}
+                "decided": [record(image) for image in (*part.kept, *part.rejected)]}
     destination.write(key, json.dumps(document, separators=(",", ":")).encode(),
-                      "application/json")
+                      "application/json")  # items first: `read_items` stops after them
     return PartRef(number=part.number, plan=key.removeprefix(f"{job.run}/"),
                    images=len(part.items), kept=len(part.kept), rejected=len(part.rejected),
                    item_bytes=part.item_bytes)
 
 
 def read_part(destination: Storage, job: Job, ref: PartRef
-              ) -> tuple[list[ChunkItem], list[ImageResult]]:
-    """A part's images to make, and its decided ones (kept and refused)."""
+              ) -> tuple[list[ChunkItem], list[dict[str, Any]]]:
+    """A part's images to make, and the records (`_record`) of its decided ones (kept and
+    refused)."""
     document = json.loads(destination.read(f"{job.run}/{ref.plan}"))
-    items = [ChunkItem.model_validate(item) for item in document["items"]]
-    decided = [ImageResult.model_validate(image)
-               for image in (*document["kept"], *document["rejected"])]
-    return items, decided
+    return ([ChunkItem.model_validate(item) for item in document["items"]],
+            document["decided"])
+
+
+def record(image: ImageResult) -> dict[str, Any]:
+    """An image's result as the parts' files hold it: its report entry and its version."""
+    entry = image.report_entry()
+    if image.version:
+        entry["version"] = image.version
+    return entry
+
+
+def from_record(entry: dict[str, Any]) -> ImageResult:
+    """`record` read back: fields pixelmill wrote itself, not validated again (a third of a
+    re-run's bookkeeping for 20,000 kept images)."""
+    return ImageResult.model_construct(
+        source=entry["source"], status=entry["status"], width=entry.get("width"),
+        height=entry.get("height"), outputs=entry.get("outputs", {}),
+        error=entry.get("error"), notes=tuple(entry.get("notes", ())),
+        version=entry.get("version", ""))
 
 
 def write_records(destination: Storage, job: Job, number: int,
-                  images: Iterable[ImageResult]) -> str:
-    """A part's per-image records, sorted by source, one JSON object a line; returns the
-    file's key relative to the run folder."""
+                  records: Iterable[dict[str, Any]]) -> str:
+    """A part's per-image records (`_record`), sorted by source, one JSON object a line;
+    returns the file's key relative to the run folder."""
     key = _part_key(job, f"records-{number:04d}.jsonl")
-    lines = "".join(image.model_dump_json(exclude_defaults=True) + "\n"
-                    for image in sorted(images, key=lambda image: image.source))
+    lines = "".join(json.dumps(record, separators=(",", ":")) + "\n"
+                    for record in sorted(records, key=lambda record: record["source"]))
     destination.write(key, lines.encode("utf-8"), "application/x-ndjson")
     return key.removeprefix(f"{job.run}/")
 
 
 def read_records(destination: Storage, job: Job, records: str) -> Iterator[ImageResult]:
-    for line in destination.read(f"{job.run}/{records}").decode("utf-8").splitlines():
-        yield ImageResult.model_validate_json(line)
+    """A part's records (`write_records`), in order."""
+    text = destination.read(f"{job.run}/{records}").decode("utf-8")
+    for line in text.splitlines():
+        yield from_record(json.loads(line))
 
 
 def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -325,4 +326,22 @@ def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(tmp_path, prefect
             "ignored") in " ".join(result.stdout.split())
     assert "refused empty.jpg" in result.stdout
     assert "runner threads (auto: 5 images to make on one machine" in result.stdout
+    assert " parts" not in result.stdout  # 12 images: one part
     assert (tree(source), tree(dest)) == before
+
+    # in parts of 3 images: the 5 to make are in fewer parts than the listing (one part's
+    # images are all kept), each part's chunks counted
+    parted = pixelmill("run", str(source), str(dest), "--size", "64x48", "--run-name", "n",
+                       "--dry-run", "--part-size", "3",
+                       env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    said = " ".join(parted.stdout.split())
+    assert parted.returncode == 0, parted.stderr
+    found = re.search(r"would make 5 in (\d+) chunks of up to \d+ in (\d+) parts \(a child "
+                      r"flow run each; the listing is planned in (\d+) parts of about 3 "
+                      r"images\)", said)
+    assert found, said
+    chunks, to_make, listed = map(int, found.groups())
+    assert listed >= 3 and 1 <= to_make <= listed and chunks >= to_make
+    assert (tree(source), tree(dest)) == before
+    refused = pixelmill("run", str(source), str(dest), "--part-size", "0", "--dry-run")
+    assert refused.returncode == 2 and "--part-size 0: must be at least 1" in refused.stderr
