@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import quote
 
@@ -366,28 +366,36 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     pages: list[tuple[int, int, str, str]] = []
     page: list[ImageResult] = []
     tiles: list[ImageResult] = []
-    lines: list[str] = []
-    offset = 0
-    for key in records:
-        for image in read_records(destination, job, key):
-            lines.append(json.dumps(image.report_entry(), separators=(", ", ": ")))
-            if image.status == "failed":
-                continue
-            if len(tiles) < MAX_SHEET_TILES:
-                tiles.append(image)
-            if inline is not None:
-                inline.append(image)
-                continue
-            page.append(image)
-            if len(page) == page_size:
-                _write_page(report, destination, held, len(pages) + 1, count, offset, page,
-                            shown_total)
-                pages.append((len(pages) + 1, len(page), page[0].source, page[-1].source))
-                offset += len(page)
-                page = []
-    if page:
-        _write_page(report, destination, held, len(pages) + 1, count, offset, page, shown_total)
+
+    def flush() -> None:
+        nonlocal page
+        _write_page(report, destination, held, len(pages) + 1, count,
+                    len(pages) * page_size, page, shown_total)
         pages.append((len(pages) + 1, len(page), page[0].source, page[-1].source))
+        page = []
+
+    def lines() -> Iterator[bytes]:
+        """images.jsonl a part at a time; the pages are written on the way."""
+        for key in records:
+            part = []
+            for image in read_records(destination, job, key):
+                part.append(json.dumps(image.report_entry(), separators=(", ", ": ")) + "\n")
+                if image.status == "failed":
+                    continue
+                if len(tiles) < MAX_SHEET_TILES:
+                    tiles.append(image)
+                if inline is not None:
+                    inline.append(image)
+                    continue
+                page.append(image)
+                if len(page) == page_size:
+                    flush()
+            yield "".join(part).encode("utf-8")
+
+    # the records first: report.json, written last, names them
+    destination.write_stream(job.run_file(IMAGES_FILE), lines(), "application/x-ndjson")
+    if page:
+        flush()
     _drop_pages_beyond(destination, held, len(pages))
     sheets = _sheets_of(tiles)
     sheet_keys = threaded_map(lambda sheet: _sheet(job, destination, *sheet, held), sheets,
@@ -396,9 +404,6 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     destination.write(index_key, _index(report, sheet_keys, report.failures, shown_total,
                                         inline, pages).encode("utf-8"),
                       "text/html; charset=utf-8")
-    destination.write(job.run_file(IMAGES_FILE),
-                      ("\n".join(lines) + "\n" if lines else "").encode("utf-8"),
-                      "application/x-ndjson")
     destination.write(job.run_file("report.json"), report.to_json().encode("utf-8"),
                       "application/json")
     return index_key

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import lru_cache
 
 import google_crc32c
@@ -36,6 +36,8 @@ LIST_PAGE_SIZE = 1000
 EMULATOR_PROJECT = "pixelmill-emulator"
 # Attempts to replace an object another writer keeps replacing (412 on the generation read).
 REPLACE_ATTEMPTS = 5
+# The pieces of a streamed upload (a multiple of 256 KiB, as resumable uploads need).
+STREAM_CHUNK = 8 * 1024 * 1024
 
 
 def _log_retry(exc: Exception) -> None:
@@ -198,6 +200,19 @@ class GcsStorage:
             generation = existing.generation if existing is not None else 0
         raise _translate(self.bucket_name, "create", name, gexc.Conflict(
             f"gs://{self.bucket_name}/{name} kept changing while it was written"))
+
+    def write_stream(self, key: str, chunks: Iterable[bytes], content_type: str) -> None:
+        """Write `key` from `chunks` as they come, in a resumable upload of STREAM_CHUNK
+        pieces: the object appears whole when the upload is finished, or not at all."""
+        name = self._name(key)
+        blob = self.bucket.blob(name, chunk_size=STREAM_CHUNK)
+        try:
+            with blob.open("wb", content_type=content_type, retry=RETRY,
+                           ignore_flush=True) as writer:
+                for chunk in chunks:
+                    writer.write(chunk)
+        except gexc.GoogleAPICallError as exc:
+            raise _translate(self.bucket_name, "create", name, exc) from exc
 
     def write_new(self, key: str, data: bytes, content_type: str) -> bool:
         """Create `key` only if it does not exist; False if it exists."""

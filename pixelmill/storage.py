@@ -20,7 +20,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -63,6 +63,8 @@ class Storage(Protocol):
               metadata: Mapping[str, str] | None = None) -> None: ...
 
     def write_new(self, key: str, data: bytes, content_type: str) -> bool: ...
+
+    def write_stream(self, key: str, chunks: Iterable[bytes], content_type: str) -> None: ...
 
     def delete(self, key: str) -> None: ...
 
@@ -193,6 +195,20 @@ class LocalStorage:
         if metadata:
             stat = path.stat()
             self._journal(key, stat.st_size, str(stat.st_mtime_ns), metadata)
+
+    def write_stream(self, key: str, chunks: Iterable[bytes], content_type: str) -> None:
+        """Write `key` from `chunks` as they come (never all of it in memory); it appears
+        whole when the last one is written, or not at all."""
+        path = self._path(key)
+        temp = self._write_temp(path, b"")
+        try:
+            with temp.open("ab") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
 
     def write_new(self, key: str, data: bytes, content_type: str) -> bool:
         """Create `key` only if it does not exist (atomically); False if it exists."""

@@ -170,3 +170,28 @@ def test_a_chunk_that_fails_for_good_fails_only_its_images(tmp_path, prefect_api
     for name in ok:
         assert (dest / "bad/blur" / name).is_file()
     assert "Failed (" in (dest / "bad/gallery/index.html").read_text()
+
+
+def test_a_parted_run_bucket_to_bucket_streams_its_records_file(gcs, prefect_api):
+    """On GCS: the parts' files go, images.jsonl (a streamed upload) holds every record and
+    the report names it."""
+    from flows.process_images import make_task_runner, process_images
+    from tests.helpers import load_report_blob
+
+    src, dst = gcs.bucket(gcs.unique("psrc")), gcs.bucket(gcs.unique("pdst"))
+    for number in range(9):
+        src.blob(f"in/{'ab'[number % 2]}/p{number}.jpg").upload_from_string(
+            encode(Image.new("RGB", (24, 18), (number * 20, 80, 160)), "jpeg"),
+            content_type="image/jpeg")
+    state = process_images.with_options(task_runner=make_task_runner("threads"))(
+        source=f"gs://{src.name}/in", destination=f"gs://{dst.name}/out", spec=SPEC,
+        run_name="g", part_size=2, return_state=True)
+    assert state.is_completed(), state.message
+    report = load_report_blob(dst, "out/g/report.json")
+    assert report["parts"] >= 4
+    assert report["counts"] == {"discovered": 9, "ok": 9, "failed": 0, "skipped": 0}
+    names = {blob.name for blob in dst.list_blobs(prefix="out/g/")}
+    assert not any(".pixelmill-plan" in name for name in names), names
+    for entry in report["images"]:
+        assert {f"out/g/{path}" for path in entry["outputs"].values()} <= names
+    assert dst.get_blob("out/g/images.jsonl").content_type == "application/x-ndjson"

@@ -137,3 +137,18 @@ def test_discover_writes_the_same_manifest_as_the_parts(tmp_path):
     parts = list(pipeline.plan_parts(source, dest, job, part_images=2))
     assert sorted(e["source"] for e in manifest["images"]) == sorted(
         e["source"] for part in parts for e in part.manifest)
+
+
+def test_a_streamed_write_appears_whole_or_not_at_all(tmp_path):
+    storage = LocalStorage(tmp_path)
+
+    def broken():
+        yield b'{"source": "a"}\n'
+        raise RuntimeError("the records stopped")
+
+    with pytest.raises(RuntimeError):
+        storage.write_stream("r/images.jsonl", broken(), "application/x-ndjson")
+    assert not (tmp_path / "r/images.jsonl").exists()
+    assert list((tmp_path / "r").iterdir()) == []  # no temp file left
+    storage.write_stream("r/images.jsonl", iter([b"one\n", b"two\n"]), "application/x-ndjson")
+    assert storage.read("r/images.jsonl") == b"one\ntwo\n"
