@@ -406,24 +406,6 @@ def _finish(job: Job, report: RunReport, index: str, summaries: Sequence[ChunkSu
     return report
 
 
-def _batches(parts: Sequence[PartRef], part_size: int) -> list[list[PartRef]]:
-    """The parts with images to make, grouped in order so that a group has at most
-    `part_size` images to make (a part with more is a group of its own): a re-run that makes
-    a few images in each of many parts makes them in one group."""
-    groups: list[list[PartRef]] = []
-    images = 0
-    for part in parts:
-        if not part.images:
-            continue
-        if groups and images + part.images <= part_size:
-            groups[-1].append(part)
-            images += part.images
-        else:
-            groups.append([part])
-            images = part.images
-    return groups
-
-
 def _make_parts(job: Job, parts: Sequence[PartRef], chunk_size: int | None,
                 resize_resources: StageResources, filter_resources: StageResources,
                 cores: int, result_storage: str | None, started: float
@@ -472,12 +454,14 @@ def _record_parts(job: Job, parts: Sequence[PartRef], made: dict[str, ImageResul
 def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
                  resize_resources: StageResources = StageResources(),
                  filter_resources: StageResources = StageResources(), cores: int = 1,
-                 result_storage: str | None = None) -> list[PartSummary]:
+                 result_storage: str | None = None,
+                 since: float | None = None) -> list[PartSummary]:
     """Consecutive parts of a run too big for one flow run: their images to make in chunks
     on the parent's runner, and each part's records written to the run folder. A retry
-    makes them again."""
+    makes them again. `since`: the run's start (`time.monotonic()` of this process), which
+    the chunks' finishing times count from."""
     summaries = _make_parts(job, parts, chunk_size, resize_resources, filter_resources, cores,
-                            result_storage, time.monotonic())
+                            result_storage, time.monotonic() if since is None else since)
     counts = [summary.counts for summary in summaries]
     get_run_logger().info("parts %s-%s: %d made, %d failed, %d kept", parts[0].label,
                           parts[-1].label, sum(c.ok for c in counts),
@@ -490,12 +474,12 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
                    cpus: int, started: float, started_at: str, result_storage: str | None,
                    part_size: int):
     """A run planned in parts. Their images to make go in groups of up to `part_size`
-    (`_batches`); with one group it runs in this flow run, with more each group is a child
+    (`pipeline.batches`); with one group it runs in this flow run, with more each group is a child
     flow run, one after the other on this flow's runner. Then one report and one gallery."""
     logger = get_run_logger()
     images = sum(part.images for part in plan.parts)
     runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
-    batches = _batches(plan.parts, part_size)
+    batches = pipeline.batches(plan.parts, part_size)
     progress.planned(sum(pipeline.part_chunks(PartRef(
         number=batch[0].number, plan="", images=sum(part.images for part in batch),
         item_bytes=sum(part.item_bytes for part in batch)), chunk_size, cpus)
@@ -506,6 +490,7 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
         description=f"share of the {len(batches)} parts done ({images} images to make)")
     part_flow = process_part.with_options(task_runner=SharedTaskRunner(_task_runner()))
     done: dict[int, PartSummary] = {}
+    kept_failures = 0
     for number, batch in enumerate(batches, start=1):
         if len(batches) == 1:
             summaries = _make_parts(job, batch, chunk_size, resize_resources, filter_resources,
@@ -516,15 +501,21 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
             state = part_flow.with_options(flow_run_name=name)(
                 job=job, parts=batch, chunk_size=chunk_size, resize_resources=resize_resources,
                 filter_resources=filter_resources, cores=cpus, result_storage=result_storage,
-                return_state=True)
+                since=started, return_state=True)
             if state.is_completed():
                 summaries = state.result()
             else:
                 reason = f"part {name} failed: {state.message or state.name}"
                 logger.error(reason)
                 summaries = _record_parts(job, batch, {}, reason)
-        done.update((summary.number, summary) for summary in summaries)
+        for made_summary in summaries:  # the report keeps the first failures only
+            budget = max(0, MAX_REPORT_FAILURES - kept_failures)
+            kept_failures += min(budget, len(made_summary.failures))
+            done[made_summary.number] = made_summary.model_copy(
+                update={"failures": made_summary.failures[:budget]})
         update_progress_artifact(progress_artifact, 100.0 * number / len(batches))
+    if not batches:
+        update_progress_artifact(progress_artifact, 100.0)
     ordered = [done.get(part.number) or _record_parts(job, [part], {})[0]
                for part in plan.parts]  # a part with nothing to make: its records as decided
     counts = Counts(discovered=plan.discovered)
@@ -538,6 +529,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
     report = RunReport.build(job, plan.discovered, failures, time.monotonic() - started, chunks,
                              started_at, runner, counts=counts, parts=len(plan.parts))
     index = build_gallery_of_parts(job, report, [s.records for s in ordered])
+    pipeline.remove_parts(destination_storage(job), job, plan.parts,
+                          [s.records for s in ordered])
     failed_parts = sum(s.state != "Completed" for s in ordered)
     return _finish(job, report, index, chunks, failed_parts)
 

@@ -327,9 +327,11 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     for image in found.first_rejected:
         out.print(f"  refused {image.source}: {image.error}", highlight=False)
     if to_make:
-        parts = (f" in {found.parts_to_make} parts (a child flow run each; the listing is "
-                 f"planned in {found.parts} parts of about {part_size or PART_IMAGES} images)"
-                 if found.parts > 1 else "")
+        children = found.child_flow_runs
+        parts = (f", the listing planned in {found.parts} parts of about "
+                 f"{part_size or PART_IMAGES} images" + (
+                     f" and made in {children} child flow runs" if children else
+                     " and made in this flow run") if found.parts > 1 else "")
         out.print(f"would make {to_make} in {chunks} chunks of up to {size}{parts}, runner "
                   f"{runner} ({why})", highlight=False)
     return EXIT_OK
@@ -399,8 +401,8 @@ def _summary(report: RunReport, elapsed: float, why: str = "") -> None:
     for image in report.failures[:10]:
         out.print(f"  [red]failed[/red] {image.source}: {image.error}", markup=True,
                   highlight=False)
-    if len(report.failures) > 10:
-        out.print(f"  ... and {len(report.failures) - 10} more in {report.images_file}")
+    if report.counts.failed > 10:
+        out.print(f"  ... and {report.counts.failed - 10} more in {report.images_file}")
     out.print(f"gallery: {gallery}")
 
 

@@ -6,7 +6,7 @@ import heapq
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,52 +140,61 @@ def _safe(key: str) -> str:
         return key
 
 
+def _may_follow(group: str, key: str) -> bool:
+    """Whether a source of output group `group` can still come after `key` in key order: the
+    sources of a group are the group itself and the group followed by '.', so once the keys
+    have passed 'group' + '.', none can ('photos/x.jpg' closes the group of 'photos.jpg')."""
+    return key.startswith(group) and (len(key) == len(group) or key[len(group)] <= ".")
+
+
 def _in_parts(classified: Iterable[tuple[str, Any]], part_images: int
               ) -> Iterator[list[tuple[str, Any, bool]]]:
     """The classified listing in parts of about `part_images` images, in the order of the
     keys made safe (the outputs' order). A part is cut only where no output group of it
-    (`output_group`) is a prefix of the next key, so sources whose outputs could meet are
-    always in one part. A key whose safe form sorts before where the listing gave it (rare:
-    a backslash, a '//') and before its part is marked an orphan: it gets an output name of
-    its own (`orphan_output`). (kind, value, orphan) each."""
+    (`output_group`) can still have a source after the next key (`_may_follow`), so sources
+    whose outputs could meet are always in one part. A key whose safe form sorts after where
+    the listing gave it waits for its place; one whose safe form sorts before its part, once
+    an earlier part is planned (rare: a backslash in a key), is marked an orphan: it gets an
+    output name of its own (`orphan_output`). (kind, value, orphan) each."""
     part: list[tuple[str, Any, bool]] = []
     images = 0
-    groups: list[str] = []  # output groups of the part that are a prefix of the last key
+    groups: list[str] = []  # output groups of the part that may still get sources
     low: str | None = None  # the part's first safe key
     position = ""
+    emitted = False  # a part has been planned already
     waiting: list[tuple[str, int, str, Any]] = []  # heap: keys whose safe form comes later
     counter = 0
 
     def take(kind: str, value: Any, safe: str, in_order: bool = True
              ) -> Iterator[list[tuple[str, Any, bool]]]:
-        nonlocal part, images, groups, low, position
+        nonlocal part, images, groups, low, position, emitted
         if in_order:
-            groups = [group for group in groups if safe.startswith(group)]
+            groups = [group for group in groups if _may_follow(group, safe)]
             if images >= part_images and not groups:
                 yield part
-                part, images, low = [], 0, None
+                part, images, low, emitted = [], 0, None, True
             low = safe if low is None else low
             position = safe
         part.append((kind, value, False))
         if kind == "image":
             images += 1
             group = output_group(safe)
-            if group not in groups:  # a later key inside it keeps the part open
+            if group not in groups:
                 groups.append(group)
 
     for kind, value in classified:
         key = _key_of(kind, value)
         safe = _safe(key)
-        while waiting and waiting[0][0] <= safe:
+        bound = min(key, safe)  # how far the listing has surely come
+        while waiting and waiting[0][0] <= bound:
             held_safe, _, held_kind, held_value = heapq.heappop(waiting)
             yield from take(held_kind, held_value, held_safe)
-        if safe == key or safe >= position:
-            if safe != key and safe > key:
-                heapq.heappush(waiting, (safe, counter, kind, value))
-                counter += 1
-                continue
+        if safe > key:  # its place in safe order is further on: wait for it
+            heapq.heappush(waiting, (safe, counter, kind, value))
+            counter += 1
+        elif safe >= position:
             yield from take(kind, value, safe)
-        elif low is not None and safe >= low:  # behind, but inside this part
+        elif not emitted or (low is not None and safe >= low):  # behind, inside this part
             yield from take(kind, value, safe, in_order=False)
         else:
             part.append((kind, value, kind == "image"))
@@ -286,27 +295,57 @@ class Survey:
     first_rejected: list[ImageResult] = field(default_factory=list)
     work: list[tuple[int, int]] = field(default_factory=list)  # each part: (to make, bytes)
 
-    def chunks(self, chunk_size: int | None, cores: int) -> tuple[int, int]:
-        """(chunks, largest chunk size) a run would cut: one plan, or each part's."""
+    part_images: int = PART_IMAGES
+
+    def groups(self) -> list[PartRef]:
+        """What a run would make its chunks of: all its images to make, or (planned in
+        parts) each group of parts (`batches`), as one ref each."""
         if self.parts <= 1:
-            size, ramp = chunking(self.to_make, self.to_make_bytes, chunk_size, cores)
-            return part_chunks(PartRef(number=1, plan="", images=self.to_make,
-                                       item_bytes=self.to_make_bytes), chunk_size, cores), size
+            return [PartRef(number=1, plan="", images=self.to_make,
+                            item_bytes=self.to_make_bytes)]
         refs = [PartRef(number=n, plan="", images=images, item_bytes=size)
-                for n, (images, size) in enumerate(self.work, start=1) if images]
-        return (sum(part_chunks(ref, chunk_size, cores) for ref in refs),
+                for n, (images, size) in enumerate(self.work, start=1)]
+        return [PartRef(number=group[0].number, plan="",
+                        images=sum(ref.images for ref in group),
+                        item_bytes=sum(ref.item_bytes for ref in group))
+                for group in batches(refs, self.part_images)]
+
+    def chunks(self, chunk_size: int | None, cores: int) -> tuple[int, int]:
+        """(chunks, largest chunk size) a run would cut."""
+        groups = self.groups()
+        return (sum(part_chunks(ref, chunk_size, cores) for ref in groups),
                 max((chunking(ref.images, ref.item_bytes, chunk_size, cores)[0]
-                     for ref in refs), default=0))
+                     for ref in groups), default=0))
 
     @property
-    def parts_to_make(self) -> int:
-        return sum(1 for images, _ in self.work if images)
+    def child_flow_runs(self) -> int:
+        """Child flow runs a run would start: one per group, none with a single group."""
+        groups = len(self.groups()) if self.parts > 1 else 0
+        return groups if groups > 1 else 0
+
+
+def batches(parts: Sequence[PartRef], part_size: int) -> list[list[PartRef]]:
+    """The parts with images to make, grouped in order so that a group has at most
+    `part_size` images to make (a part with more is a group of its own): a re-run that makes
+    a few images in each of many parts makes them in one group."""
+    groups: list[list[PartRef]] = []
+    images = 0
+    for part in parts:
+        if not part.images:
+            continue
+        if groups and images + part.images <= part_size:
+            groups[-1].append(part)
+            images += part.images
+        else:
+            groups.append([part])
+            images = part.images
+    return groups
 
 
 def survey(source: Storage, destination: Storage, job: Job,
            part_images: int = PART_IMAGES) -> Survey:
     """Count what a run would do without holding more than one part of the plan."""
-    found = Survey()
+    found = Survey(part_images=part_images)
     for part in plan_parts(source, destination, job, part_images):
         found.parts += 1
         found.discovered += len(part.manifest) + len(part.rejected)
@@ -404,6 +443,17 @@ def write_records(destination: Storage, job: Job, number: int,
     return key.removeprefix(f"{job.run}/")
 
 
+def remove_parts(destination: Storage, job: Job, parts: Sequence[PartRef],
+                 records: Sequence[str]) -> None:
+    """The parts' plans and records, once the run's own files hold them; a file already gone
+    is fine, and one that cannot be removed is left for the next run's discovery."""
+    for key in (*(part.plan for part in parts), *records):
+        try:
+            destination.delete(f"{job.run}/{key}")
+        except Exception as exc:  # noqa: BLE001  (tidying is never a reason to fail a run)
+            log.warning("could not remove %s: %s", key, exc)
+
+
 def read_records(destination: Storage, job: Job, records: str) -> Iterator[ImageResult]:
     """A part's records (`write_records`), in order."""
     text = destination.read(f"{job.run}/{records}").decode("utf-8")
@@ -444,6 +494,8 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
         return Plan(discovered=len(first.manifest) + len(first.rejected), chunks=tuple(chunks),
                     rejected=tuple(first.rejected), kept=tuple(first.kept), chunk_size=size,
                     ignored=len(first.ignored))
+    if not write_manifest:
+        raise ValueError("a plan in parts is written to the run folder; a dry run uses survey()")
     refs: list[PartRef] = []
     discovered = ignored = 0
     rejected: list[dict] = []
@@ -467,6 +519,10 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
     }
     destination.write(job.run_file("manifest.json"),
                       json.dumps(manifest, separators=(",", ":")).encode(), "application/json")
+    planned = {f"{job.run}/{ref.plan}" for ref in refs}
+    for info in destination.list(f"{job.run}/{PLAN_FOLDER}/"):  # an earlier attempt's
+        if info.key not in planned:
+            destination.delete(info.key)
     return Plan(discovered=discovered, chunks=(), chunk_size=0, ignored=ignored,
                 parts=tuple(refs))
 

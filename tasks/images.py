@@ -131,9 +131,4 @@ def build_gallery(job: Job, report: RunReport) -> str:
 def build_gallery_of_parts(job: Job, report: RunReport, records: list[str]) -> str:
     """The gallery, images.jsonl and report.json of a run planned in parts, from the parts'
     record files; returns the index key."""
-    index = gallery.build_gallery_of_parts(report, destination_storage(job), records)
-    storage = destination_storage(job)
-    for key in records:  # the parts' plans and records are in the run's files now
-        storage.delete(f"{job.run}/{key}")
-        storage.delete(f"{job.run}/{key.replace('/records-', '/part-').replace('.jsonl', '.json')}")
-    return index
+    return gallery.build_gallery_of_parts(report, destination_storage(job), records)

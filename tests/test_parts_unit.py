@@ -152,3 +152,38 @@ def test_a_streamed_write_appears_whole_or_not_at_all(tmp_path):
     assert list((tmp_path / "r").iterdir()) == []  # no temp file left
     storage.write_stream("r/images.jsonl", iter([b"one\n", b"two\n"]), "application/x-ndjson")
     assert storage.read("r/images.jsonl") == b"one\ntwo\n"
+
+
+def _parts_of(keys, part_images):
+    """`_in_parts` over image keys alone: the parts' keys and every key's output."""
+    from pixelmill.layout import orphan_output
+    from pixelmill.pipeline import _in_parts
+    from pixelmill.storage import ObjectInfo
+
+    classified = [("image", (ObjectInfo(key, 1), None)) for key in sorted(keys)]
+    parts, outputs = [], {}
+    for part in _in_parts(classified, part_images):
+        normal = assign_outputs([value[0].key for _, value, orphan in part if not orphan],
+                                ".jpg")
+        for _, value, orphan in part:
+            key = value[0].key
+            outputs[key] = orphan_output(key, ".jpg") if orphan else normal[key]
+        parts.append([value[0].key for _, value, _ in part])
+    return parts, outputs
+
+
+def test_keys_whose_safe_form_sorts_later_never_meet_another_output():
+    # 'a//z.jpg' is 'a/z.jpg' made safe: it waits for its place, beside 'a/z.png'
+    parts, outputs = _parts_of(["a//z.jpg", "a//zz.jpg", "a/b.jpg", "a/z.png"], 1)
+    assert len(set(outputs.values())) == len(outputs), outputs
+    assert any({"a//z.jpg", "a/z.png"} <= set(part) for part in parts), parts
+
+
+def test_a_file_beside_a_folder_of_its_name_does_not_hold_the_folder_in_one_part():
+    parts, _ = _parts_of(["photos.jpg"] + [f"photos/{n:03d}.jpg" for n in range(50)], 10)
+    assert max(len(part) for part in parts) <= 11, [len(part) for part in parts]
+
+
+def test_a_key_behind_its_place_in_the_first_part_is_not_an_orphan():
+    _, outputs = _parts_of(["a/c.jpg", "a\\b.jpg"], 1)
+    assert outputs == {"a/c.jpg": "a/c.jpg", "a\\b.jpg": "a/b.jpg"}
