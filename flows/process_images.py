@@ -414,8 +414,7 @@ def _make_parts(job: Job, parts: Sequence[PartRef], chunk_size: int | None,
     each part's records written (`_record_parts`)."""
     destination = destination_storage(job)
     items = [item for part in parts for item in pipeline.read_part(destination, job, part)[0]]
-    chunks, _ = pipeline.cut_chunks(items, sum(part.item_bytes for part in parts), chunk_size,
-                                    cores)
+    chunks, _ = pipeline.cut_chunks(items, pipeline.merged(parts).item_bytes, chunk_size, cores)
     resize_task, filter_task = _persisting(result_storage)
     made, chunk_summaries = _run_chunks(job, chunks, resize_task, filter_task, resize_resources,
                                         filter_resources, cores, started,
@@ -436,9 +435,7 @@ def _record_parts(job: Job, parts: Sequence[PartRef], made: dict[str, ImageResul
         items, records = pipeline.read_part(destination, job, part)
         records += [pipeline.record(made.get(item.source) or ImageResult(
             source=item.source, status="failed", error=reason or "not made")) for item in items]
-        counts = Counts(discovered=len(records))
-        for entry in records:
-            setattr(counts, entry["status"], getattr(counts, entry["status"]) + 1)
+        counts = Counts.of(entry["status"] for entry in records)
         failures = sorted((pipeline.from_record(entry) for entry in records
                            if entry["status"] == "failed"),
                           key=lambda image: image.source)[:MAX_REPORT_FAILURES]
@@ -480,10 +477,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
     images = sum(part.images for part in plan.parts)
     runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
     batches = pipeline.batches(plan.parts, part_size)
-    progress.planned(sum(pipeline.part_chunks(PartRef(
-        number=batch[0].number, plan="", images=sum(part.images for part in batch),
-        item_bytes=sum(part.item_bytes for part in batch)), chunk_size, cpus)
-        for batch in batches), images, sum(part.rejected for part in plan.parts),
+    progress.planned(sum(pipeline.part_chunks(pipeline.merged(batch), chunk_size, cpus)
+                         for batch in batches), images, sum(part.rejected for part in plan.parts),
         sum(part.kept for part in plan.parts))
     progress_artifact = create_progress_artifact(
         0.0, key=_artifact_key("progress", job),
@@ -518,11 +513,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
         update_progress_artifact(progress_artifact, 100.0)
     ordered = [done.get(part.number) or _record_parts(job, [part], {})[0]
                for part in plan.parts]  # a part with nothing to make: its records as decided
-    counts = Counts(discovered=plan.discovered)
-    for part_summary in ordered:
-        for status in ("ok", "failed", "skipped"):
-            setattr(counts, status,
-                    getattr(counts, status) + getattr(part_summary.counts, status))
+    counts = sum((part_summary.counts for part_summary in ordered), Counts()).model_copy(
+        update={"discovered": plan.discovered})
     failures = [image for part_summary in ordered
                 for image in part_summary.failures][:MAX_REPORT_FAILURES]
     chunks = [chunk for part_summary in ordered for chunk in part_summary.chunks]

@@ -98,17 +98,24 @@ def _sheet(job: Job, destination: Storage, number: int,
 
 
 def contact_sheets(report: RunReport, destination: Storage,
-                   held: dict[str, str] | None = None) -> list[str]:
-    """Write labelled contact sheets of the ok images; returns their run-relative paths.
+                   held: dict[str, str] | None = None,
+                   shown: list[ImageResult] | None = None) -> list[str]:
+    """Write labelled contact sheets of the images shown (default: the report's); returns
+    their run-relative paths.
 
     Sheets are drawn on one thread per core (Pillow releases the GIL while decoding and
     resizing): the gallery is built after the last chunk, when the cores are free."""
-    sheets = _sheets_of(report.shown)
-    if held is None:  # key -> stamp of what the gallery folder holds
-        held = {info.key: info.metadata.get(provenance.MADE, "")
-                for info in destination.list(f"{report.run}/gallery/")}
+    sheets = _sheets_of(report.shown if shown is None else shown)
+    if held is None:
+        held = _held_gallery(destination, report.run)
     return threaded_map(lambda sheet: _sheet(report.job, destination, *sheet, held), sheets,
                         max(1, min(len(sheets), os.cpu_count() or 1)))
+
+
+def _held_gallery(destination: Storage, run: str) -> dict[str, str]:
+    """key -> stamp of what the run's gallery folder holds."""
+    return {info.key: info.metadata.get(provenance.MADE, "")
+            for info in destination.list(f"{run}/gallery/")}
 
 
 def _sheets_of(shown: list[ImageResult]) -> list[tuple[int, list[ImageResult]]]:
@@ -292,7 +299,7 @@ def _index(report: RunReport, sheets: list[str], failed: Sequence[ImageResult],
     more = report.counts.failed - len(failed)
     if more > 0:
         rows += (f'<tr><td colspan="2">… and {more} more in '
-                 f'<a href="../{_text(quote(report.images_file))}">'
+                 f'<a href="{_href(report.images_file)}">'
                  f"{_text(report.images_file)}</a></td></tr>")
     failures = (
         f'<h2 class="failed">Failed ({report.counts.failed})</h2><table><tr><th>source</th>'
@@ -302,9 +309,9 @@ def _index(report: RunReport, sheets: list[str], failed: Sequence[ImageResult],
         f'<a href="{_text(quote(name.removeprefix("gallery/")))}">sheet {number}</a>'
         for number, name in enumerate(sheets, start=1)
     )
-    header = (f'<div>contact sheets: {sheet_links or "none"} · <a href="../'
-              f'{_text(quote(report.job.run_file("report.json").split("/", 1)[1]))}">'
-              f'report.json</a> · <a href="../{_text(quote(report.images_file))}">'
+    report_file = report.job.run_file("report.json").split("/", 1)[1]
+    header = (f'<div>contact sheets: {sheet_links or "none"} · <a href="{_href(report_file)}">'
+              f'report.json</a> · <a href="{_href(report.images_file)}">'
               f"{_text(report.images_file)}</a></div>")
     if inline is not None:
         images = _images_html(inline, 0)
@@ -358,8 +365,7 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     images held at a time. `report.images` holds the first failures, `report.counts` all."""
     job = report.job
     destination.tidy(report.run)
-    held = {info.key: info.metadata.get(provenance.MADE, "")
-            for info in destination.list(f"{report.run}/gallery/")}
+    held = _held_gallery(destination, report.run)
     shown_total = report.counts.ok + report.counts.skipped
     inline: list[ImageResult] | None = [] if shown_total <= page_size else None
     count = 0 if inline is not None else -(-shown_total // page_size)
@@ -397,9 +403,7 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     if page:
         flush()
     _drop_pages_beyond(destination, held, len(pages))
-    sheets = _sheets_of(tiles)
-    sheet_keys = threaded_map(lambda sheet: _sheet(job, destination, *sheet, held), sheets,
-                              max(1, min(len(sheets), os.cpu_count() or 1)))
+    sheet_keys = contact_sheets(report, destination, held, tiles)
     index_key = job.run_file("gallery/index.html")
     destination.write(index_key, _index(report, sheet_keys, report.failures, shown_total,
                                         inline, pages).encode("utf-8"),
@@ -416,8 +420,7 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     pages beyond the count go. Leftovers of writers killed in earlier runs (a worker lost to
     the OOM killer) go first."""
     destination.tidy(report.run)
-    held = {info.key: info.metadata.get(provenance.MADE, "")
-            for info in destination.list(f"{report.run}/gallery/")}
+    held = _held_gallery(destination, report.run)
     sheets = contact_sheets(report, destination, held)
     pages = _pages(report.shown, page_size)
     for number, offset, images in pages:

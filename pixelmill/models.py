@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -152,6 +154,17 @@ class Counts(BaseModel):
     failed: int = 0
     skipped: int = 0
 
+    @classmethod
+    def of(cls, statuses: Iterable[str], discovered: int | None = None) -> Counts:
+        """The counts of these images' statuses (`discovered`: default, how many)."""
+        tally = Counter(statuses)
+        return cls(discovered=sum(tally.values()) if discovered is None else discovered,
+                   ok=tally["ok"], failed=tally["failed"], skipped=tally["skipped"])
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(**{name: getattr(self, name) + getattr(other, name)
+                         for name in type(self).model_fields})
+
 
 class PartSummary(Frozen):
     """What a part's child flow run did: its counts and chunks, its first failures, and the
@@ -211,9 +224,7 @@ class RunReport(BaseModel):
     ) -> RunReport:
         images = sorted(images, key=lambda image: image.source)
         if counts is None:
-            counts = Counts(discovered=discovered)
-            for image in images:
-                setattr(counts, image.status, getattr(counts, image.status) + 1)
+            counts = Counts.of((image.status for image in images), discovered)
         return cls(
             job=job,
             run=job.run,

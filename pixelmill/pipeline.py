@@ -305,10 +305,7 @@ class Survey:
                             item_bytes=self.to_make_bytes)]
         refs = [PartRef(number=n, plan="", images=images, item_bytes=size)
                 for n, (images, size) in enumerate(self.work, start=1)]
-        return [PartRef(number=group[0].number, plan="",
-                        images=sum(ref.images for ref in group),
-                        item_bytes=sum(ref.item_bytes for ref in group))
-                for group in batches(refs, self.part_images)]
+        return [merged(group) for group in batches(refs, self.part_images)]
 
     def chunks(self, chunk_size: int | None, cores: int) -> tuple[int, int]:
         """(chunks, largest chunk size) a run would cut."""
@@ -322,6 +319,12 @@ class Survey:
         """Child flow runs a run would start: one per group, none with a single group."""
         groups = len(self.groups()) if self.parts > 1 else 0
         return groups if groups > 1 else 0
+
+
+def merged(group: Sequence[PartRef]) -> PartRef:
+    """A group of parts as one ref: its images to make and their bytes (for chunking)."""
+    return PartRef(number=group[0].number, plan="", images=sum(ref.images for ref in group),
+                   item_bytes=sum(ref.item_bytes for ref in group))
 
 
 def batches(parts: Sequence[PartRef], part_size: int) -> list[list[PartRef]]:
