@@ -1,8 +1,9 @@
 """Overlap storage I/O with decoding inside one chunk, with bounded memory.
 
-A chunk reads its sources one ahead of the image being decoded and hands its outputs to a
-small writer pool, so network latency hides behind CPU work; at most PREFETCH sources and
-MAX_PENDING_WRITES outputs are held at once, never the whole chunk.
+On storage whose reads and writes are round trips (`Storage.overlap`), a chunk reads its
+sources ahead of the image being decoded and hands its outputs to a small writer pool, so
+network latency hides behind CPU work; at most PREFETCH sources and MAX_PENDING_WRITES
+outputs are held at once, never the whole chunk. On local storage both are done in line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ WRITER_THREADS = 4
 
 def prefetched(items: Iterable[T], read: Callable[[T], R],
                depth: int = PREFETCH) -> Iterator[tuple[T, Future[R]]]:
-    """Yield (item, future of read(item)) in order, reading up to `depth` items ahead."""
+    """Yield (item, future of read(item)) in order, reading up to `depth` items ahead; with
+    `depth` 0, each read is done in line when its item comes (a future already done)."""
+    if depth <= 0:
+        for item in items:
+            future: Future[R] = Future()
+            try:
+                future.set_result(read(item))
+            except Exception as exc:  # noqa: BLE001  (raised by .result(), as a read ahead's)
+                future.set_exception(exc)
+            yield item, future
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelmill-read") as pool:
         pending: deque[tuple[T, Future[R]]] = deque()
         source = iter(items)
@@ -47,16 +58,21 @@ def threaded_map(function: Callable[[T], R], items: Iterable[T], threads: int) -
 
 
 class Writer:
-    """Background writes; `close()` waits for all of them and raises the first error."""
+    """Background writes; `close()` waits for all of them and raises the first error. With
+    `background` False each write is done in line by `submit`."""
 
-    def __init__(self, write: Callable[..., None]) -> None:
+    def __init__(self, write: Callable[..., None], background: bool = True) -> None:
         self._write = write
         self._pool = ThreadPoolExecutor(max_workers=WRITER_THREADS,
-                                        thread_name_prefix="pixelmill-write")
+                                        thread_name_prefix="pixelmill-write") \
+            if background else None
         self._pending: deque[Future[None]] = deque()
 
     def submit(self, key: str, data: bytes, content_type: str,
                metadata: Mapping[str, str] | None = None) -> None:
+        if self._pool is None:
+            self._write(key, data, content_type, metadata)
+            return
         while len(self._pending) >= MAX_PENDING_WRITES:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(contextvars.copy_context().run, self._write, key,
@@ -67,7 +83,8 @@ class Writer:
             while self._pending:
                 self._pending.popleft().result()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Writer:
         return self

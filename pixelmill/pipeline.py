@@ -21,7 +21,7 @@ from pixelmill.layout import (
     is_image_candidate, make_chunks, orphan_output, output_group, ramp_chunks,
 )
 from pixelmill.models import Chunk, ChunkItem, ChunkResult, ImageResult, Job, PartRef, Plan
-from pixelmill.overlap import Writer, prefetched, threaded_map
+from pixelmill.overlap import PREFETCH, Writer, prefetched, threaded_map
 from pixelmill.storage import ObjectInfo, Storage, safe_key
 
 log = logging.getLogger("pixelmill")
@@ -72,6 +72,8 @@ MANIFEST_LIST = 1000
 # held while waiting for a batch to fill.
 SNIFF_BATCH = 64
 MAX_PENDING = 4096
+# A last part smaller than this share of the part size joins the part before it.
+TAIL_SHARE = 0.25
 
 
 @dataclass
@@ -149,6 +151,22 @@ def _may_follow(group: str, key: str) -> bool:
 
 def _in_parts(classified: Iterable[tuple[str, Any]], part_images: int
               ) -> Iterator[list[tuple[str, Any, bool]]]:
+    """`_cut_parts`, with a last part of fewer than a TAIL_SHARE of `part_images` images
+    joined to the one before: a listing a little past the part size (a folder that grew by
+    1 %) stays one part, planned and run as one. At most two parts are held."""
+    pending: list[list[tuple[str, Any, bool]]] = []
+    for part in _cut_parts(classified, part_images):
+        pending.append(part)
+        if len(pending) > 2:
+            yield pending.pop(0)
+    if len(pending) == 2 and sum(kind == "image" for kind, _, _ in pending[1]) \
+            < part_images * TAIL_SHARE:
+        pending = [pending[0] + pending[1]]
+    yield from pending
+
+
+def _cut_parts(classified: Iterable[tuple[str, Any]], part_images: int
+               ) -> Iterator[list[tuple[str, Any, bool]]]:
     """The classified listing in parts of about `part_images` images, in the order of the
     keys made safe (the outputs' order). A part is cut only where no output group of it
     (`output_group`) can still have a source after the next key (`_may_follow`), so sources
@@ -530,6 +548,11 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
                 parts=tuple(refs))
 
 
+def _overlaps(storage: Storage) -> bool:
+    """Whether `storage`'s reads and writes are worth doing in background threads."""
+    return getattr(storage, "overlap", True)
+
+
 def _kept_outputs(item: ChunkItem) -> dict[str, str]:
     return {folder: f"{folder}/{item.output}" for folder in item.kept_filters}
 
@@ -549,8 +572,9 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                 height=item.kept_resized[1], notes=item.kept_notes, version=item.version,
                 outputs={"resized": f"resized/{item.output}", **_kept_outputs(item)})
     todo = [item for item in items if item.kept_resized is None]
-    with Writer(destination.write) as writer:
-        for item, data in prefetched(todo, lambda item: source.read(item.source)):
+    with Writer(destination.write, _overlaps(destination)) as writer:
+        for item, data in prefetched(todo, lambda item: source.read(item.source),
+                                     PREFETCH if _overlaps(source) else 0):
             try:
                 rendered = render_resized(data.result(), spec)
             except FileNotFoundError:
@@ -585,8 +609,8 @@ def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[
     todo = [image for image in resized.images if image.status == "ok" and missing(image)]
     read = lambda image: destination.read(f"{job.run}/{image.outputs['resized']}")  # noqa: E731
     filtered: dict[str, ImageResult] = {}
-    with Writer(destination.write) as writer:
-        for image, data in prefetched(todo, read):
+    with Writer(destination.write, _overlaps(destination)) as writer:
+        for image, data in prefetched(todo, read, PREFETCH if _overlaps(destination) else 0):
             names = missing(image)
             try:
                 variants = render_filters(decode(data.result()),

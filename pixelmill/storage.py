@@ -52,6 +52,9 @@ class ObjectInfo:
 @runtime_checkable
 class Storage(Protocol):
     uri: str
+    # Reads and writes take long enough (network round trips) to be worth overlapping with
+    # decoding in background threads (`overlap`); a local file's are not.
+    overlap: bool
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
 
@@ -89,6 +92,11 @@ def safe_key(key: str) -> str:
 
 class LocalStorage:
     """A folder on this machine. Writes go to a temp file and are renamed into place."""
+
+    # A local read or write is short next to a decode: done in line. With two chunks on
+    # two threads, background readers and writers only fought them for the GIL
+    # (320x240 JPEGs: 1,010 images/s with them, 1,510 without).
+    overlap = False
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()

@@ -359,3 +359,30 @@ def test_open_storage_local(tmp_path):
     opened = open_storage(str(tmp_path))
     assert isinstance(opened, LocalStorage)
     assert opened.root == tmp_path
+
+
+def test_local_storage_reads_and_writes_in_line_and_keeps_errors_per_item(tmp_path):
+    from pixelmill.gcs import GcsStorage
+    from pixelmill.overlap import Writer, prefetched
+
+    assert LocalStorage.overlap is False and GcsStorage.overlap is True
+    reads = []
+
+    def read(name):
+        reads.append(name)
+        if name == "bad":
+            raise FileNotFoundError(name)
+        return name.upper()
+
+    stream = prefetched(["a", "bad", "c"], read, depth=0)
+    item, data = next(stream)
+    assert (item, data.result(), reads) == ("a", "A", ["a"])  # nothing read ahead
+    item, data = next(stream)
+    with pytest.raises(FileNotFoundError):
+        data.result()  # the failed read is this item's, the stream goes on
+    assert [(i, d.result()) for i, d in stream] == [("c", "C")]
+
+    storage = LocalStorage(tmp_path)
+    with Writer(storage.write, background=False) as writer:
+        writer.submit("r/x.bin", b"x", "application/octet-stream")
+        assert (tmp_path / "r/x.bin").read_bytes() == b"x"  # written when submitted

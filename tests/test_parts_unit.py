@@ -187,3 +187,15 @@ def test_a_file_beside_a_folder_of_its_name_does_not_hold_the_folder_in_one_part
 def test_a_key_behind_its_place_in_the_first_part_is_not_an_orphan():
     _, outputs = _parts_of(["a/c.jpg", "a\\b.jpg"], 1)
     assert outputs == {"a/c.jpg": "a/c.jpg", "a\\b.jpg": "a/b.jpg"}
+
+
+def test_a_small_last_part_joins_the_one_before():
+    # 10 + 2 images: the 2 (under a quarter of the part size) join the first part
+    parts, _ = _parts_of([f"a/{n:02d}.jpg" for n in range(12)], 10)
+    assert [len(part) for part in parts] == [12]
+    # 10 + 3: a quarter or more stays a part of its own
+    parts, _ = _parts_of([f"a/{n:02d}.jpg" for n in range(13)], 10)
+    assert [len(part) for part in parts] == [10, 3]
+    # only the last part is joined: 10 + 10 + 1 is two parts, the second of 11
+    parts, _ = _parts_of([f"a/{n:02d}.jpg" for n in range(21)], 10)
+    assert [len(part) for part in parts] == [10, 11]
