@@ -17,7 +17,7 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont
 
 from pixelmill import provenance
-from pixelmill.models import IMAGES_FILE, Chunk, ImageResult, Job, RunReport
+from pixelmill.models import IMAGES_FILE, RECORD_ENCODER, Chunk, ImageResult, Job, RunReport
 from pixelmill.overlap import threaded_map
 from pixelmill.pipeline import read_records
 from pixelmill.storage import Storage
@@ -385,7 +385,7 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
         for key in records:
             part = []
             for image in read_records(destination, job, key):
-                part.append(json.dumps(image.report_entry(), separators=(", ", ": ")) + "\n")
+                part.append(RECORD_ENCODER.encode(image.report_entry()) + "\n")
                 if image.status == "failed":
                     continue
                 if len(tiles) < MAX_SHEET_TILES:
@@ -421,11 +421,11 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     the OOM killer) go first."""
     destination.tidy(report.run)
     held = _held_gallery(destination, report.run)
-    sheets = contact_sheets(report, destination, held)
-    pages = _pages(report.shown, page_size)
+    shown = report.shown
+    sheets = contact_sheets(report, destination, held, shown)
+    pages = _pages(shown, page_size)
     for number, offset, images in pages:
-        _write_page(report, destination, held, number, len(pages), offset, images,
-                    len(report.shown))
+        _write_page(report, destination, held, number, len(pages), offset, images, len(shown))
     _drop_pages_beyond(destination, held, len(pages))
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),

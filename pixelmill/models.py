@@ -189,6 +189,8 @@ class RunnerChoice(BaseModel):
 IMAGES_FILE = "images.jsonl"
 # Failed records repeated in report.json; all of them are in the images file.
 MAX_REPORT_FAILURES = 1000
+# One per-image record of images.jsonl (one encoder: `json.dumps` sets one up per call).
+RECORD_ENCODER = json.JSONEncoder(separators=(", ", ": "))
 
 
 class RunReport(BaseModel):
@@ -285,8 +287,8 @@ class RunReport(BaseModel):
     def to_jsonl(self) -> str:
         """images.jsonl's text: one record per image, sorted by source (report.json's
         summary names this file)."""
-        return "".join(json.dumps(image.report_entry(), separators=(", ", ": ")) + "\n"
-                       for image in self.images)
+        encode = RECORD_ENCODER.encode
+        return "".join(encode(image.report_entry()) + "\n" for image in self.images)
 
     def __iter__(self):  # type: ignore[override]
         """(field, value) pairs without the per-image records. Prefect walks a flow's return

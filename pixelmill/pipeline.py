@@ -36,32 +36,29 @@ def _inside(child: str, parent: str) -> str | None:
     return child[len(parent):].strip("/") + "/" if child.startswith(parent) else None
 
 
-def _held(item: ChunkItem, job: Job, held: dict[str, ObjectInfo]) -> ChunkItem | ImageResult:
-    """What the destination holds for one image: the item with its kept outputs noted, or a
-    `skipped` result when every output it needs is there and was made from this source
-    version with these settings."""
+def _held(source: str, output: str, version: str, job: Job,
+          held: dict[str, ObjectInfo]) -> ChunkItem | ImageResult:
+    """What the destination holds for one image: a `skipped` result when every output it
+    needs is there and was made from this source version with these settings, else the
+    image to make with its kept outputs noted."""
     spec = job.spec
 
     def made(folder: str, stamp: str) -> ObjectInfo | None:
-        info = held.get(f"{job.run}/{folder}/{item.output}")
+        info = held.get(f"{job.run}/{folder}/{output}")
         return info if info is not None and info.metadata.get(provenance.MADE) == stamp else None
 
-    resized = made("resized", provenance.resized_stamp(item.source, item.version, spec))
+    resized = made("resized", provenance.resized_stamp(source, version, spec))
     size = provenance.read_resized(resized.metadata) if resized is not None else None
     kept_filters = tuple(
         filter_folder(name) for name in spec.filters
-        if made(filter_folder(name), provenance.filter_stamp(item.source, item.version, spec,
-                                                             name)))
+        if made(filter_folder(name), provenance.filter_stamp(source, version, spec, name)))
     if size is not None and len(kept_filters) == len(spec.filters):
-        outputs = {folder: f"{folder}/{item.output}" for folder in ("resized", *kept_filters)}
-        # built from values already checked (read_resized), once per kept image: without
-        # validating them again (a third of deciding 20,000 kept images)
-        return ImageResult.model_construct(
-            source=item.source, status="skipped", width=size[0], height=size[1],
-            outputs=outputs, notes=size[2], version=item.version)
-    return item.model_copy(update={"kept_resized": size[:2] if size else None,
-                                   "kept_notes": size[2] if size else (),
-                                   "kept_filters": kept_filters})
+        outputs = {folder: f"{folder}/{output}" for folder in ("resized", *kept_filters)}
+        return ImageResult(source=source, status="skipped", width=size[0], height=size[1],
+                           outputs=outputs, notes=size[2], version=version)
+    return ChunkItem(source=source, output=output, version=version,
+                     kept_resized=size[:2] if size else None,
+                     kept_notes=size[2] if size else (), kept_filters=kept_filters)
 
 
 # Where a run planned in parts keeps each part's plan and records while it runs.
@@ -289,8 +286,7 @@ def plan_parts(source: Storage, destination: Storage, job: Job,
             output = outputs[info.key]
             part.manifest.append({"source": info.key, "output": output, "format": fmt,
                                   "bytes": info.size, "version": info.version})
-            found = _held(ChunkItem(source=info.key, output=output, version=info.version),
-                          job, held)
+            found = _held(info.key, output, info.version, job, held)
             if isinstance(found, ImageResult):
                 part.kept.append(found)
             else:
@@ -444,9 +440,8 @@ def record(image: ImageResult) -> dict[str, Any]:
 
 
 def from_record(entry: dict[str, Any]) -> ImageResult:
-    """`record` read back: fields pixelmill wrote itself, not validated again (a third of a
-    re-run's bookkeeping for 20,000 kept images)."""
-    return ImageResult.model_construct(
+    """`record` read back."""
+    return ImageResult(
         source=entry["source"], status=entry["status"], width=entry.get("width"),
         height=entry.get("height"), outputs=entry.get("outputs", {}),
         error=entry.get("error"), notes=tuple(entry.get("notes", ())),
