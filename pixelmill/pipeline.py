@@ -6,7 +6,7 @@ import heapq
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,24 +36,24 @@ def _inside(child: str, parent: str) -> str | None:
     return child[len(parent):].strip("/") + "/" if child.startswith(parent) else None
 
 
-def _held(source: str, output: str, version: str, job: Job,
-          held: dict[str, ObjectInfo]) -> ChunkItem | ImageResult:
+def _held(source: str, output: str, version: str, stamps: provenance.Stamps,
+          held: dict[str, dict[str, Mapping[str, str]]]) -> ChunkItem | ImageResult:
     """What the destination holds for one image: a `skipped` result when every output it
     needs is there and was made from this source version with these settings, else the
-    image to make with its kept outputs noted."""
-    spec = job.spec
-
-    def made(folder: str, stamp: str) -> ObjectInfo | None:
-        info = held.get(f"{job.run}/{folder}/{output}")
-        return info if info is not None and info.metadata.get(provenance.MADE) == stamp else None
-
-    resized = made("resized", provenance.resized_stamp(source, version, spec))
-    size = provenance.read_resized(resized.metadata) if resized is not None else None
+    image to make with its kept outputs noted. `held`: each output folder's outputs (by
+    path inside the folder) and their metadata."""
+    meta = held["resized"].get(output)
+    size = (provenance.read_resized(meta)
+            if meta is not None and meta.get(provenance.MADE) == stamps.resized(source, version)
+            else None)
     kept_filters = tuple(
-        filter_folder(name) for name in spec.filters
-        if made(filter_folder(name), provenance.filter_stamp(source, version, spec, name)))
-    if size is not None and len(kept_filters) == len(spec.filters):
-        outputs = {folder: f"{folder}/{output}" for folder in ("resized", *kept_filters)}
+        folder for folder in stamps.filters
+        if (found := held[folder].get(output)) is not None
+        and found.get(provenance.MADE) == stamps.filter(folder, source, version))
+    if size is not None and len(kept_filters) == len(stamps.filters):
+        outputs = {"resized": f"resized/{output}"}
+        for folder in kept_filters:
+            outputs[folder] = f"{folder}/{output}"
         return ImageResult(source=source, status="skipped", width=size[0], height=size[1],
                            outputs=outputs, notes=size[2], version=version)
     return ChunkItem(source=source, output=output, version=version,
@@ -234,18 +234,21 @@ class _Held:
             stream = iter(destination.list(f"{job.run}/{folder}/"))
             self.streams[folder] = [stream, next(stream, None)]
 
-    def take(self, outputs: Iterable[str]) -> dict[str, ObjectInfo]:
+    def take(self, outputs: Iterable[str]) -> dict[str, dict[str, Mapping[str, str]]]:
+        """Each output folder's entries among `outputs` (paths inside the folder), with
+        their metadata."""
         wanted = set(outputs)
+        held: dict[str, dict[str, Mapping[str, str]]] = {folder: {} for folder in self.streams}
         if not wanted:
-            return {}
+            return held
         last = max(wanted)
-        held: dict[str, ObjectInfo] = {}
         for folder, state in self.streams.items():
             stream, head = state
             cut = len(self.run) + len(folder) + 2
-            while head is not None and head.key[cut:] <= last:
-                if head.key[cut:] in wanted:
-                    held[head.key] = head
+            found = held[folder]
+            while head is not None and (name := head.key[cut:]) <= last:
+                if name in wanted:
+                    found[name] = head.metadata
                 head = next(stream, None)
             state[1] = head
         return held
@@ -263,6 +266,7 @@ def plan_parts(source: Storage, destination: Storage, job: Job,
                if not (skip_prefix and info.key.startswith(skip_prefix))  # our own outputs
                and not (info.key.endswith("/") and info.size == 0))  # "folder" placeholders
     held_outputs = _Held(destination, job)
+    stamps = provenance.Stamps(job.spec)
     for number, elements in enumerate(_in_parts(_classified(source, listing), part_images),
                                       start=1):
         part = PartPlan(number=number)
@@ -286,7 +290,7 @@ def plan_parts(source: Storage, destination: Storage, job: Job,
             output = outputs[info.key]
             part.manifest.append({"source": info.key, "output": output, "format": fmt,
                                   "bytes": info.size, "version": info.version})
-            found = _held(info.key, output, info.version, job, held)
+            found = _held(info.key, output, info.version, stamps, held)
             if isinstance(found, ImageResult):
                 part.kept.append(found)
             else:

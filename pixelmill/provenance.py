@@ -45,6 +45,23 @@ def filter_stamp(source: str, version: str, spec: PipelineSpec, name: str) -> st
     return _digest(_settings(filter_folder(name), spec), source, version)
 
 
+class Stamps:
+    """The stamps one spec gives, its settings' text worked out once (a re-run checks a
+    stamp per output of every image)."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self._resized = _settings("resized", spec)
+        # filter folder -> its settings' text, in the order of the spec's filters
+        self.filters = {filter_folder(name): _settings(filter_folder(name), spec)
+                        for name in spec.filters}
+
+    def resized(self, source: str, version: str) -> str:
+        return _digest(self._resized, source, version)
+
+    def filter(self, folder: str, source: str, version: str) -> str:
+        return _digest(self.filters[folder], source, version)
+
+
 def resized_metadata(stamp: str, width: int, height: int,
                      notes: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
     meta = {MADE: stamp, WIDTH: str(width), HEIGHT: str(height)}
