@@ -101,6 +101,7 @@ class LocalStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
+        self._inside = str(self.root).rstrip(os.sep) + os.sep  # every key's path starts so
         self._journal_name = f"{secrets.token_hex(8)}.jsonl"
         self._journal_lock = threading.Lock()
 
@@ -109,7 +110,7 @@ class LocalStorage:
 
     def _path(self, key: str) -> Path:
         path = (self.root / safe_key(key)).absolute()
-        if self.root not in path.parents:
+        if not str(path).startswith(self._inside):
             raise ValueError(f"{key!r}: resolves outside {self.root}")
         return path
 
@@ -181,10 +182,14 @@ class LocalStorage:
             return handle.read(length)
 
     def _write_temp(self, path: Path, data: bytes) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}-{path.name}"[:255])
         try:
-            with temp.open("wb") as handle:
+            try:
+                handle = temp.open("wb")
+            except FileNotFoundError:  # its folder is not there yet (one call, not per write)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = temp.open("wb")
+            with handle:
                 handle.write(data)
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -240,8 +245,12 @@ class LocalStorage:
         line = json.dumps({"key": safe_key(key), "size": size, "version": version,
                            "meta": dict(metadata)}, separators=(",", ":")) + "\n"
         with self._journal_lock:
-            folder.mkdir(parents=True, exist_ok=True)
-            with (folder / self._journal_name).open("a", encoding="utf-8") as journal:
+            try:
+                journal = (folder / self._journal_name).open("a", encoding="utf-8")
+            except FileNotFoundError:
+                folder.mkdir(parents=True, exist_ok=True)
+                journal = (folder / self._journal_name).open("a", encoding="utf-8")
+            with journal:
                 journal.write(line)
 
     def exists(self, key: str) -> bool:

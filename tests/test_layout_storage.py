@@ -386,3 +386,14 @@ def test_local_storage_reads_and_writes_in_line_and_keeps_errors_per_item(tmp_pa
     with Writer(storage.write, background=False) as writer:
         writer.submit("r/x.bin", b"x", "application/octet-stream")
         assert (tmp_path / "r/x.bin").read_bytes() == b"x"  # written when submitted
+
+
+def test_a_folder_removed_while_a_storage_writes_is_made_again(tmp_path):
+    import shutil
+
+    storage = LocalStorage(tmp_path / "dst")
+    storage.write("r/resized/a/x.jpg", b"1", "image/jpeg", {"pixelmill-made": "s1"})
+    shutil.rmtree(tmp_path / "dst")  # someone empties the destination mid-run
+    storage.write("r/resized/a/y.jpg", b"2", "image/jpeg", {"pixelmill-made": "s2"})
+    listed = {info.key: info.metadata for info in storage.list("r/")}
+    assert listed == {"r/resized/a/y.jpg": {"pixelmill-made": "s2"}}
