@@ -48,13 +48,16 @@ def make_task_runner(runner: str = "ray", ray_address: str | None = None,
                      job_env: dict[str, str] | None = None,
                      ray_runner: Callable[[], TaskRunner] | None = None) -> TaskRunner:
     """The task runner for `--runner`: Ray (`ray_address`, RAY_ADDRESS or a temporary local
-    one), threads, Prefect's process pool, one thread, or `auto` (threads or Ray, chosen by
-    the flow once it knows how many images it has to make; `ray_runner` builds the Ray one).
+    one), threads, Prefect's process pool, one thread, or `auto` (Ray given a Ray address,
+    else threads or Ray, chosen by the flow once it knows how many images it has to make;
+    `ray_runner` builds the Ray one).
 
     `job_env` is given to the Ray job's workers (for pixelmill's long-lived local Ray, whose
     workers would otherwise see the environment of the command that started it)."""
     runner = check_runner(runner)
     cpus = os.cpu_count() or 1
+    if runner == "auto" and (ray_address or os.environ.get("RAY_ADDRESS")):
+        runner = "ray"  # a cluster to use was given
     if runner == "auto":
         return AutoTaskRunner(ray_runner or (lambda: make_task_runner("ray", ray_address,
                                                                       job_env)), threads=cpus)
@@ -276,6 +279,7 @@ def process_images(
     shard_count: int | None = None,
     shared_filesystem: bool = False,
     part_size: int = PART_IMAGES,
+    part_deployment: str | None = None,
 ) -> RunReport:
     """Resize and filter every image under `source` into `destination`/<run>/ with a gallery.
 
@@ -286,6 +290,9 @@ def process_images(
     `shared_filesystem`: local paths are seen by every node of a multi-node Ray cluster.
     `part_size`: a run of more images is planned in parts of about this many, each part with
     images to make run as a child flow run.
+    `part_deployment`: a deployment of `process_part` ("process-images-part/parts" in
+    prefect.yaml): the parts are then started as its flow runs, all at once, for the workers
+    of its pool to take in parallel (they must reach the source and destination).
     """
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat()
@@ -308,7 +315,7 @@ def process_images(
     try:
         return _process(job, chunk_size, resize_task, filter_task, resize_resources,
                         filter_resources, nodes, started, started_at, result_storage,
-                        part_size)
+                        part_size, part_deployment)
     finally:
         lock.release()
 
@@ -350,12 +357,14 @@ def _run_chunks(job: Job, chunks: Sequence[Chunk], resize_task, filter_task,
 def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
              resize_resources: StageResources, filter_resources: StageResources,
              nodes: list[dict[str, float]], started: float, started_at: str,
-             result_storage: str | None = None, part_size: int = PART_IMAGES):
+             result_storage: str | None = None, part_size: int = PART_IMAGES,
+             part_deployment: str | None = None):
     cpus = int(sum(node.get("CPU", 0.0) for node in nodes)) or 1
     plan: Plan = discover(job, chunk_size, cpus, part_size)
     if plan.parts:
         return _process_parts(job, plan, chunk_size, resize_resources, filter_resources, cpus,
-                              started, started_at, result_storage, part_size)
+                              started, started_at, result_storage, part_size,
+                              part_deployment)
     images = sum(len(chunk.items) for chunk in plan.chunks)
     runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
     progress.planned(len(plan.chunks), images, len(plan.rejected), len(plan.kept))
@@ -447,18 +456,34 @@ def _record_parts(job: Job, parts: Sequence[PartRef], made: dict[str, ImageResul
     return summaries
 
 
-@flow(name="process-images-part", log_prints=True, retries=PART_RETRIES)
+@flow(name="process-images-part", log_prints=True, retries=PART_RETRIES,
+      task_runner=make_task_runner("auto"))
 def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
                  resize_resources: StageResources = StageResources(),
-                 filter_resources: StageResources = StageResources(), cores: int = 1,
-                 result_storage: str | None = None,
+                 filter_resources: StageResources = StageResources(),
+                 cores: int | None = None, result_storage: str | None = None,
                  since: float | None = None) -> list[PartSummary]:
-    """Consecutive parts of a run too big for one flow run: their images to make in chunks
-    on the parent's runner, and each part's records written to the run folder. A retry
-    makes them again. `since`: the run's start (`time.monotonic()` of this process), which
+    """Consecutive parts of a run too big for one flow run: their images to make in chunks,
+    and each part's records written to the run folder. A retry makes them again.
+
+    Started by the run itself, it is a child flow run on the run's own runner. Started as a
+    deployment run (the run's `part_deployment`), any worker of the pool can take it: it
+    runs on its own runner (`auto`), and leaves each part's summary in the run folder for
+    the run to read. `cores`: the parent's, for chunk sizes (default: this machine's or
+    Ray's). `since`: the run's start (`time.monotonic()` of the parent's process), which
     the chunks' finishing times count from."""
+    stages = {"resize": resize_resources, "filter": filter_resources}
+    _choose_runner(sum(part.images for part in parts), stages)  # auto: threads or Ray
+    if cores is None:
+        cores = int(sum(node.get("CPU", 0.0) for node in _nodes())) or 1
     summaries = _make_parts(job, parts, chunk_size, resize_resources, filter_resources, cores,
                             result_storage, time.monotonic() if since is None else since)
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run.deployment_id:  # started as a deployment
+        # run: the run that started it reads these from the run folder
+        destination = destination_storage(job)
+        for part_summary in summaries:
+            pipeline.write_summary(destination, job, part_summary)
     counts = [summary.counts for summary in summaries]
     get_run_logger().info("parts %s-%s: %d made, %d failed, %d kept", parts[0].label,
                           parts[-1].label, sum(c.ok for c in counts),
@@ -466,17 +491,83 @@ def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
     return summaries
 
 
+def _part_run_name(job: Job, batch: Sequence[PartRef]) -> str:
+    return f"{job.run}-part-{batch[0].label}" + (
+        f"-{batch[-1].label}" if len(batch) > 1 else "")
+
+
+# How often a run looks at the deployment runs of its parts, and how often it says that some
+# still wait for a worker.
+PART_POLL_S = 2.0
+WAITING_NOTE_S = 60.0
+
+
+def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment: str,
+                              parameters: dict, on_batch: Callable[[], None]
+                              ) -> dict[int, list[PartSummary]]:
+    """Each group of parts as a flow run of `deployment` (`process_part`), all started at
+    once so that the pool's workers take them in parallel (as many at a time as the pool and
+    its workers allow); returns each group's summaries (read from the run folder) by its
+    first part, a group whose flow run failed for good recorded as failed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    destination = destination_storage(job)
+    pending: dict = {}
+    for batch in batches:
+        run = run_deployment(deployment, timeout=0, flow_run_name=_part_run_name(job, batch),
+                             parameters={**parameters, "job": job.model_dump(mode="json"),
+                                         "parts": [part.model_dump(mode="json")
+                                                   for part in batch]})
+        pending[run.id] = batch
+    logger.info("%d groups of parts started as flow runs of deployment %s", len(batches),
+                deployment)
+    done: dict[int, list[PartSummary]] = {}
+    noted = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(PART_POLL_S)
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=list(pending))), limit=len(pending))
+            for run in runs:
+                if run.state is None or not run.state.is_final():
+                    continue
+                batch = pending.pop(run.id)
+                if run.state.is_completed():
+                    done[batch[0].number] = [pipeline.read_summary(destination, job, part.number)
+                                             for part in batch]
+                else:
+                    reason = (f"part {run.name} failed: "
+                              f"{run.state.message or run.state.name}")
+                    logger.error(reason)
+                    done[batch[0].number] = _record_parts(job, batch, {}, reason)
+                on_batch()
+            waiting = [run for run in runs if run.id in pending and run.state is not None
+                       and run.state.is_scheduled()]
+            if waiting and time.monotonic() - noted > WAITING_NOTE_S:
+                noted = time.monotonic()
+                logger.warning("%d part flow runs of deployment %s still wait for a worker "
+                               "of its work pool", len(waiting), deployment)
+    return done
+
+
 def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
                    resize_resources: StageResources, filter_resources: StageResources,
                    cpus: int, started: float, started_at: str, result_storage: str | None,
-                   part_size: int):
+                   part_size: int, part_deployment: str | None = None):
     """A run planned in parts. Their images to make go in groups of up to `part_size`
     (`pipeline.batches`); with one group it runs in this flow run, with more each group is a child
-    flow run, one after the other on this flow's runner. Then one report and one gallery."""
+    flow run, one after the other on this flow's runner, or (`part_deployment`) all at once
+    as deployment runs that the pool's workers take. Then one report and one gallery."""
     logger = get_run_logger()
     images = sum(part.images for part in plan.parts)
-    runner = _choose_runner(images, {"resize": resize_resources, "filter": filter_resources})
     batches = pipeline.batches(plan.parts, part_size)
+    deployed = bool(part_deployment) and len(batches) > 1
+    runner = (RunnerChoice(name="deployment", reason=f"parts as flow runs of {part_deployment}")
+              if deployed else
+              _choose_runner(images, {"resize": resize_resources, "filter": filter_resources}))
     progress.planned(sum(pipeline.part_chunks(pipeline.merged(batch), chunk_size, cpus)
                          for batch in batches), images, sum(part.rejected for part in plan.parts),
         sum(part.kept for part in plan.parts))
@@ -484,15 +575,28 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
         0.0, key=_artifact_key("progress", job),
         description=f"share of the {len(batches)} parts done ({images} images to make)")
     part_flow = process_part.with_options(task_runner=SharedTaskRunner(_task_runner()))
-    done: dict[int, PartSummary] = {}
-    kept_failures = 0
-    for number, batch in enumerate(batches, start=1):
+    finished = 0
+
+    def on_batch() -> None:
+        nonlocal finished
+        finished += 1
+        update_progress_artifact(progress_artifact, 100.0 * finished / len(batches))
+
+    by_batch: dict[int, list[PartSummary]] = {}
+    if deployed:
+        by_batch = _parts_as_deployment_runs(
+            job, batches, part_deployment,
+            {"chunk_size": chunk_size, "resize_resources": resize_resources.model_dump(),
+             "filter_resources": filter_resources.model_dump(),
+             "result_storage": result_storage}, on_batch)
+    for batch in batches:
+        if batch[0].number in by_batch:
+            continue
         if len(batches) == 1:
             summaries = _make_parts(job, batch, chunk_size, resize_resources, filter_resources,
                                     cpus, result_storage, started)
         else:
-            name = f"{job.run}-part-{batch[0].label}" + (
-                f"-{batch[-1].label}" if len(batch) > 1 else "")
+            name = _part_run_name(job, batch)
             state = part_flow.with_options(flow_run_name=name)(
                 job=job, parts=batch, chunk_size=chunk_size, resize_resources=resize_resources,
                 filter_resources=filter_resources, cores=cpus, result_storage=result_storage,
@@ -503,12 +607,16 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
                 reason = f"part {name} failed: {state.message or state.name}"
                 logger.error(reason)
                 summaries = _record_parts(job, batch, {}, reason)
-        for made_summary in summaries:  # the report keeps the first failures only
+        by_batch[batch[0].number] = summaries
+        on_batch()
+    done: dict[int, PartSummary] = {}
+    kept_failures = 0
+    for batch in batches:
+        for made_summary in by_batch[batch[0].number]:  # the report keeps the first failures
             budget = max(0, MAX_REPORT_FAILURES - kept_failures)
             kept_failures += min(budget, len(made_summary.failures))
             done[made_summary.number] = made_summary.model_copy(
                 update={"failures": made_summary.failures[:budget]})
-        update_progress_artifact(progress_artifact, 100.0 * number / len(batches))
     if not batches:
         update_progress_artifact(progress_artifact, 100.0)
     ordered = [done.get(part.number) or _record_parts(job, [part], {})[0]
@@ -522,7 +630,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
                              started_at, runner, counts=counts, parts=len(plan.parts))
     index = build_gallery_of_parts(job, report, [s.records for s in ordered])
     pipeline.remove_parts(destination_storage(job), job, plan.parts,
-                          [s.records for s in ordered])
+                          [s.records for s in ordered],
+                          summaries=deployed)
     failed_parts = sum(s.state != "Completed" for s in ordered)
     return _finish(job, report, index, chunks, failed_parts)
 

@@ -20,7 +20,9 @@ from pixelmill.layout import (
     MAX_CHUNKS, PART_IMAGES, RAMP_DIVISOR, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
     is_image_candidate, make_chunks, orphan_output, output_group, ramp_chunks,
 )
-from pixelmill.models import Chunk, ChunkItem, ChunkResult, ImageResult, Job, PartRef, Plan
+from pixelmill.models import (
+    Chunk, ChunkItem, ChunkResult, ImageResult, Job, PartRef, PartSummary, Plan,
+)
 from pixelmill.overlap import PREFETCH, Writer, prefetched, threaded_map
 from pixelmill.storage import ObjectInfo, Storage, safe_key
 
@@ -463,11 +465,29 @@ def write_records(destination: Storage, job: Job, number: int,
     return key.removeprefix(f"{job.run}/")
 
 
+def summary_key(job: Job, number: int) -> str:
+    """Where a part's flow run leaves its summary (`PartSummary`) for the run that started it
+    (a deployment run's return value stays with its worker)."""
+    return _part_key(job, f"summary-{number:04d}.json")
+
+
+def write_summary(destination: Storage, job: Job, summary: PartSummary) -> None:
+    destination.write(summary_key(job, summary.number),
+                      summary.model_dump_json().encode("utf-8"), "application/json")
+
+
+def read_summary(destination: Storage, job: Job, number: int) -> PartSummary:
+    return PartSummary.model_validate_json(destination.read(summary_key(job, number)))
+
+
 def remove_parts(destination: Storage, job: Job, parts: Sequence[PartRef],
-                 records: Sequence[str]) -> None:
-    """The parts' plans and records, once the run's own files hold them; a file already gone
-    is fine, and one that cannot be removed is left for the next run's discovery."""
-    for key in (*(part.plan for part in parts), *records):
+                 records: Sequence[str], summaries: bool = False) -> None:
+    """The parts' plans and records (and `summaries`, if their flow runs left them), once
+    the run's own files hold them; a file already gone is fine, and one that cannot be
+    removed is left for the next run's discovery."""
+    summaries = [summary_key(job, part.number).removeprefix(f"{job.run}/")
+                 for part in parts] if summaries else []
+    for key in (*(part.plan for part in parts), *summaries, *records):
         try:
             destination.delete(f"{job.run}/{key}")
         except Exception as exc:  # noqa: BLE001  (tidying is never a reason to fail a run)

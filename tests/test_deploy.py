@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -223,6 +224,57 @@ def test_retry_from_the_ui_redoes_only_the_failed_chunk(deployed, worker_env, gc
     assert report["counts"]["ok"] == 3
     assert report["counts"]["skipped"] == deployed["images"] - 3
     assert report["counts"]["failed"] == 0
+
+
+def test_a_big_run_from_a_deployment_starts_its_parts_as_deployment_runs(deployed, worker_env):
+    """More images to make than the part size: each group of parts is a flow run of the
+    process-images-part/parts deployment, taken by the pool's worker alongside the others;
+    the run waits for them, then writes one report and one gallery from their records."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        adhoc = client.read_deployment_by_name("process-images/adhoc")
+        parts = client.read_deployment_by_name("process-images-part/parts")
+        flow_run = client.create_flow_run_from_deployment(adhoc.id, parameters={
+            "source": "gs://in/photos", "destination": "gs://out", "run_name": "fan",
+            "part_size": 4, "part_deployment": "process-images-part/parts",
+            "spec": {"size": [64, 48]}})
+    env = {**worker_env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    worker = subprocess.Popen([".venv/bin/prefect", "worker", "start", "--pool",
+                               "pixelmill-process"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with get_client(sync_client=True) as client:
+            for _ in range(300):
+                final = client.read_flow_run(flow_run.id)
+                if final.state.is_final():
+                    break
+                time.sleep(1)
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    assert final.state.is_completed(), (final.state, error_logs(flow_run.id))
+    images = deployed["images"]
+    groups = -(-images // 4)
+    assert len(children) >= 2 and len(children) <= groups, [c.name for c in children]
+    assert {child.deployment_id for child in children} == {parts.id}
+    assert all(child.state.is_completed() for child in children), [c.state for c in children]
+    assert sorted(child.name for child in children)[0] == "fan-part-0001"
+    # one worker took them side by side: their run times overlap
+    spans = sorted((child.start_time, child.end_time) for child in children)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    bucket = deployed["client"].bucket("out")
+    report = json.loads(bucket.blob("fan/report.json").download_as_bytes())
+    assert report["counts"] == {"discovered": images, "ok": images, "failed": 0,
+                                "skipped": 0}, report["counts"]
+    assert report["runner"]["name"] == "deployment" and report["parts"] >= 2
+    names = [blob.name for blob in bucket.list_blobs(prefix="fan/")]
+    assert len([name for name in names if name.startswith("fan/resized/")]) == images
+    assert "fan/gallery/index.html" in names
+    assert not [name for name in names if "/.pixelmill-plan/" in name], names
 
 
 def test_variants_are_generated_from_prefect_yaml(prefect_api):
