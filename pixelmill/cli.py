@@ -69,13 +69,13 @@ class ApiLost(Fail):
 
 
 def _spec(size: str, fit: str, filters: list[str] | None, fmt: str, quality: int,
-          upscale: bool = False) -> PipelineSpec:
+          upscale: bool = False, keep_metadata: bool = False) -> PipelineSpec:
     """Validate the pipeline options into a spec; any problem is a UsageError (exit 2)."""
     parse_size(size)
     names = [canonical_filter(name) for name in (filters or [])]
     try:
         return PipelineSpec(size=size, fit=fit, filters=names, format=fmt.lower(),
-                            quality=quality, upscale=upscale)
+                            quality=quality, upscale=upscale, keep_metadata=keep_metadata)
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(part) for part in error["loc"]) or "option"
@@ -437,6 +437,9 @@ def run(
     format: Annotated[str, typer.Option("--format", help="jpeg | png | webp | avif")] = "jpeg",
     quality: Annotated[int, typer.Option("--quality")] = 85,
     upscale: Annotated[bool, typer.Option("--upscale", help="enlarge small images")] = False,
+    keep_metadata: Annotated[bool, typer.Option(
+        "--keep-metadata", help="keep capture date, camera and copyright in the outputs' "
+                                "EXIF (never the GPS position); default: no EXIF")] = False,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size")] = None,
     part_size: Annotated[Optional[int], typer.Option(
         "--part-size", help="a run of more images is run in parts of about this many, each "
@@ -466,7 +469,7 @@ def run(
     Outputs already in the run folder, made from the same source version with the same
     settings, are kept: running the same command again makes only what is missing."""
     def command() -> int:
-        spec = _spec(size, fit, filter, format, quality, upscale)
+        spec = _spec(size, fit, filter, format, quality, upscale, keep_metadata)
         if dry_run:
             return plan_only(source, dest, spec, runner=runner, ray_address=ray_address,
                              run_name=run_name, chunk_size=chunk_size, verbose=verbose,

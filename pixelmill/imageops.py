@@ -29,6 +29,14 @@ REDUCING_GAP = 3.0
 # Colour under transparent pixels when an output format has no alpha (JPEG).
 MATTE = (255, 255, 255)
 
+# EXIF kept by `keep_metadata` (tag numbers): capture date, camera and copyright. Never the
+# GPS block, serial numbers or maker notes; never the orientation (pixels are made upright).
+KEPT_EXIF = {0x010F: "Make", 0x0110: "Model", 0x0132: "DateTime", 0x013B: "Artist",
+             0x8298: "Copyright"}
+KEPT_EXIF_IFD = {0x9003: "DateTimeOriginal", 0x9004: "DateTimeDigitized",
+                 0x9010: "OffsetTime", 0x9011: "OffsetTimeOriginal", 0xA434: "LensModel"}
+_EXIF_IFD = 0x8769
+
 _WORKING_MODES = {"RGB", "RGBA", "L", "LA"}
 _ISOBMFF_IMAGE_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF",
                          b"mif1": "HEIF", b"msf1": "HEIF"}
@@ -270,10 +278,31 @@ def flatten_alpha(image: Image.Image) -> Image.Image:
     return flat.convert("L") if image.mode == "LA" else flat
 
 
+def kept_exif(image: Image.Image) -> bytes | None:
+    """The EXIF `keep_metadata` keeps of a source (KEPT_EXIF, KEPT_EXIF_IFD), as bytes to
+    write with an output; None if it has none of them."""
+    try:
+        source = image.getexif()
+        inner = source.get_ifd(_EXIF_IFD)
+    except Exception:  # noqa: BLE001  (damaged EXIF: the pixels still count, the tags not)
+        return None
+    kept = Image.Exif()
+    for tag in KEPT_EXIF:
+        if tag in source:
+            kept[tag] = source[tag]
+    found = {tag: inner[tag] for tag in KEPT_EXIF_IFD if tag in inner}
+    if found:
+        kept.get_ifd(_EXIF_IFD).update(found)
+    return kept.tobytes() if (len(kept) or found) else None
+
+
 def encode(
-    image: Image.Image, fmt: OutputFormat = "jpeg", quality: int = 85, icc: bytes | None = None
+    image: Image.Image, fmt: OutputFormat = "jpeg", quality: int = 85, icc: bytes | None = None,
+    exif: bytes | None = None,
 ) -> bytes:
-    """Encode a working-mode image in an output format; every working mode fits every format."""
+    """Encode a working-mode image in an output format; every working mode fits every format.
+    Only `exif` is written as EXIF (none by default), and no XMP: a source's GPS position
+    never reaches an output."""
     image = to_working_mode(image)
     if fmt == "jpeg":
         image = flatten_alpha(image)
@@ -285,6 +314,9 @@ def encode(
         options["icc_profile"] = profile
     if fmt in ("jpeg", "webp", "avif"):
         options["quality"] = quality
+    # empty values also stop a plugin that would copy the image's own (its info)
+    options["exif"] = exif or b""
+    options["xmp"] = b""
     buffer = io.BytesIO()
     image.save(buffer, format=fmt.upper(), **options)
     return buffer.getvalue()
@@ -305,24 +337,29 @@ def render_resized(data: bytes, spec: PipelineSpec) -> Rendered:
     """Source bytes -> resized, encoded output (the whole resize stage for one image)."""
     opened = open_image(data)
     icc = opened.image.info.get("icc_profile")
+    exif = kept_exif(opened.image) if spec.keep_metadata else None
     try:
         resized = resize_image(opened.image, spec.size, spec.fit, spec.upscale)
         if opened.image.mode == "CMYK":
             icc = None  # converted to sRGB; the CMYK profile no longer describes the pixels
-        encoded = encode(resized, spec.format, spec.quality, icc)
+        encoded = encode(resized, spec.format, spec.quality, icc, exif)
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"cannot decode {opened.format}: {_reason(exc)}") from None
     resized.info["icc_profile"] = icc
+    resized.info["exif"] = exif
     return Rendered(encoded, resized.width, resized.height, resized, opened.notes)
 
 
 def render_filters(image: Image.Image, spec: PipelineSpec) -> dict[str, bytes]:
     """Every requested filter of one resized image, encoded: {folder: bytes}."""
     icc = image.info.get("icc_profile")
+    # the resized output's EXIF is already only what `keep_metadata` keeps
+    exif = image.info.get("exif") if spec.keep_metadata else None
     return {
-        filter_folder(name): encode(apply_filter(image, name), spec.format, spec.quality, icc)
+        filter_folder(name): encode(apply_filter(image, name), spec.format, spec.quality, icc,
+                                    exif)
         for name in spec.filters
     }
 
@@ -335,4 +372,5 @@ def decode(data: bytes) -> Image.Image:
     except Exception as exc:
         raise ImageError(f"cannot decode {opened.format}: {_reason(exc)}") from None
     image.info["icc_profile"] = opened.image.info.get("icc_profile")
+    image.info["exif"] = kept_exif(opened.image)
     return image

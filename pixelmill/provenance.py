@@ -28,8 +28,11 @@ WIDTH, HEIGHT, NOTES = "pixelmill-width", "pixelmill-height", "pixelmill-notes"
 @lru_cache(maxsize=64)
 def _settings(kind: str, spec: PipelineSpec) -> str:
     """What shapes an output of `kind` ('resized' or a filter's folder), as text."""
-    return json.dumps([RENDER_VERSION, kind, list(spec.size), spec.fit, spec.format,
-                       spec.quality, spec.upscale], separators=(",", ":"))
+    shape = [RENDER_VERSION, kind, list(spec.size), spec.fit, spec.format, spec.quality,
+             spec.upscale]
+    if spec.keep_metadata:  # only then: outputs stamped before the option stay valid
+        shape.append("keep-metadata")
+    return json.dumps(shape, separators=(",", ":"))
 
 
 def _digest(settings: str, source: str, version: str) -> str:

@@ -82,6 +82,9 @@ class PipelineSpec(Frozen):
     format: OutputFormat = "jpeg"
     quality: int = Field(85, ge=1, le=100)
     upscale: bool = False
+    # Outputs carry no EXIF unless asked; then only capture date, camera and copyright
+    # (imageops.KEPT_EXIF), never a GPS position.
+    keep_metadata: bool = False
 
     @field_validator("size", mode="before")
     @classmethod

@@ -530,3 +530,66 @@ def test_a_damaged_header_is_a_reason_not_a_python_object(data, fmt):
     reason = str(caught.value)
     assert reason.startswith(f"cannot read {fmt} header: ") and "object at 0x" not in reason
     assert "not a picture Pillow can read" in reason
+
+
+def _with_gps(fmt: str) -> bytes:
+    """A source with camera, date, copyright and a GPS position in EXIF, and the position
+    again in XMP."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x8298] = "Canon", "EOS R5", "(c) Ada"
+    exif[0x0112] = 6  # rotated: the outputs are upright, with no orientation tag
+    exif.get_ifd(0x8769)[0x9003] = "2024:05:01 10:00:00"
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2] = "N", (52.0, 31.0, 12.0)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><exif:GPSLatitude>52,31.2N'
+           b"</exif:GPSLatitude></rdf:RDF></x:xmpmeta>")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 60, 40)).save(buffer, fmt, exif=exif.tobytes(), xmp=xmp)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("source_format", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_no_output_of_any_format_carries_the_source_gps_position(tmp_path, source_format,
+                                                                   keep):
+    from pixelmill import pipeline
+    from pixelmill.models import ChunkItem, ChunkResult, Job
+    from pixelmill.storage import LocalStorage
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/p.img").write_bytes(_with_gps(source_format))
+    source, dest = LocalStorage(tmp_path / "src"), LocalStorage(tmp_path / "dst")
+    outputs = []
+    for fmt in ("jpeg", "png", "webp", "avif"):
+        # 48x64 is the upright size itself: the image is copied, not resampled
+        for size in ((48, 64), (30, 30)):
+            spec = PipelineSpec(size=size, format=fmt, filters=("blur", "emboss"),
+                                keep_metadata=keep)
+            job = Job(source=source.uri, destination=dest.uri, run=f"{fmt}-{size[0]}",
+                      spec=spec)
+            made = pipeline.resize_images((ChunkItem(source="p.img", output="p.img"),), job,
+                                          source, dest)
+            pipeline.filter_images(ChunkResult(index=0, images=tuple(made)), job, dest)
+            outputs += [path for path in (tmp_path / "dst" / job.run).rglob("p.img")]
+    assert len(outputs) == 4 * 2 * 3
+    for path in outputs:
+        data = path.read_bytes()
+        assert b"GPSLat" not in data and b"52,31" not in data, path
+        exif = Image.open(io.BytesIO(data)).getexif()
+        assert not dict(exif.get_ifd(0x8825)), path  # no GPS block
+        assert 0x0112 not in exif, path  # no orientation: the pixels are upright
+        if keep:
+            assert (exif[0x010F], exif[0x0110], exif[0x8298]) == ("Canon", "EOS R5",
+                                                                  "(c) Ada"), path
+            assert exif.get_ifd(0x8769)[0x9003] == "2024:05:01 10:00:00", path
+        else:
+            assert not len(exif), (path, dict(exif))
+
+
+def test_keeping_metadata_is_a_setting_of_its_own_and_leaves_older_stamps_alone():
+    from pixelmill import provenance
+
+    plain, kept = PipelineSpec(), PipelineSpec(keep_metadata=True)
+    assert provenance.resized_stamp("a.jpg", "1", plain) != provenance.resized_stamp(
+        "a.jpg", "1", kept)
+    assert '"keep-metadata"' not in provenance._settings("resized", plain)
