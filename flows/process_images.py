@@ -386,7 +386,8 @@ def _process(job: Job, chunk_size: int | None, resize_task, filter_task,
                                       resize_resources, filter_resources, cpus, started,
                                       on_chunk)
     report = RunReport.build(job, plan.discovered, [*plan.rejected, *plan.kept, *made],
-                             time.monotonic() - started, summaries, started_at, runner)
+                             time.monotonic() - started, summaries, started_at, runner,
+                             not_images=plan.not_images)
     # quote: the report holds a record per image, which Prefect would otherwise walk looking
     # for upstream futures (seconds at 20,000 images)
     index = build_gallery(job, quote(report))
@@ -627,7 +628,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
                 for image in part_summary.failures][:MAX_REPORT_FAILURES]
     chunks = [chunk for part_summary in ordered for chunk in part_summary.chunks]
     report = RunReport.build(job, plan.discovered, failures, time.monotonic() - started, chunks,
-                             started_at, runner, counts=counts, parts=len(plan.parts))
+                             started_at, runner, counts=counts, parts=len(plan.parts),
+                             not_images=plan.not_images)
     index = build_gallery_of_parts(job, report, [s.records for s in ordered])
     pipeline.remove_parts(destination_storage(job), job, plan.parts,
                           [s.records for s in ordered],

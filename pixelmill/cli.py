@@ -403,6 +403,9 @@ def _summary(report: RunReport, elapsed: float, why: str = "") -> None:
                   highlight=False)
     if report.counts.failed > 10:
         out.print(f"  ... and {report.counts.failed - 10} more in {report.images_file}")
+    not_images = report.not_images_line()
+    if not_images:
+        out.print(f"{not_images} (left alone; manifest.json lists them)", highlight=False)
     out.print(f"gallery: {gallery}")
 
 

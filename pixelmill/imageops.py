@@ -11,6 +11,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pixelmill.errors import ImageError
@@ -39,11 +40,34 @@ _EXIF_IFD = 0x8769
 
 _WORKING_MODES = {"RGB", "RGBA", "L", "LA"}
 _ISOBMFF_IMAGE_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF",
+                         b"heim": "HEIF", b"heis": "HEIF", b"hevc": "HEIF", b"hevx": "HEIF",
                          b"mif1": "HEIF", b"msf1": "HEIF"}
+
+# HEIC/HEIF (phones' photos) through pillow-heif, which orients them as shown (the container's
+# rotation applied) and keeps their ICC profile, as a JPEG's.
+pillow_heif.register_heif_opener()
+
+# Formats Pillow knows but pixelmill does not read: EPS runs Ghostscript on the input; MPEG
+# and the BUFR/GRIB/HDF5 stubs cannot decode pixels; WMF needs Windows; IPTC is metadata.
+NOT_READ = frozenset({"EPS", "MPEG", "BUFR", "GRIB", "HDF5", "WMF", "IPTC"})
+# Signatures too short to tell an image from other bytes (a text file starting "P1", two
+# bytes of PCX): such files are taken by their name only (layout.IMAGE_EXTENSIONS).
+BY_NAME_ONLY = frozenset({"PCX", "PPM", "XBM", "XPM", "TGA", "MSP", "SUN", "PIXAR", "SGI"})
+
+
+# Formats with a signature of their own, told apart by `sniff` before any plugin is loaded.
+_SIGNED = frozenset({"JPEG", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "TIFF", "BMP"})
+
+
+def _readable() -> list[str]:
+    """Every format the installed Pillow (with pillow-heif) reads, but NOT_READ."""
+    Image.init()
+    return [name for name in Image.OPEN if name not in NOT_READ]
 
 
 def sniff(head: bytes) -> str | None:
-    """The Pillow format name of an image from its first bytes, or None if it is no image."""
+    """The Pillow format name of an image from its first bytes, or None if it is no image
+    (or one recognised by its name only, BY_NAME_ONLY)."""
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -54,10 +78,20 @@ def sniff(head: bytes) -> str | None:
         return "WEBP"
     if head[4:8] == b"ftyp" and head[8:12] in _ISOBMFF_IMAGE_BRANDS:
         return _ISOBMFF_IMAGE_BRANDS[head[8:12]]
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF, BigTIFF
         return "TIFF"
     if head[:2] == b"BM":
         return "BMP"
+    if len(head) < 4:
+        return None
+    for name in _readable():  # the other formats' own signatures (JPEG 2000, PSD, ICO, ...)
+        accept = Image.OPEN[name][1]
+        if name not in BY_NAME_ONLY and accept is not None:
+            try:
+                if accept(head):
+                    return name
+            except Exception:  # noqa: BLE001  (a plugin's check on a short head)
+                continue
     return None
 
 
@@ -114,23 +148,42 @@ def _reason(exc: Exception) -> str:
     return _OBJECT.sub("the data", str(exc)).strip() or type(exc).__name__
 
 
-def open_image(data: bytes) -> Opened:
-    """Open image bytes after sniffing them; refuse bombs before any pixel is decoded."""
+def format_by_name(name: str | None) -> str | None:
+    """The format a file's extension names, if it is one taken by its name only
+    (BY_NAME_ONLY, or one whose plugin has no signature check)."""
+    if not name or "." not in name.rsplit("/", 1)[-1]:
+        return None
+    Image.init()
+    found = Image.registered_extensions().get("." + name.rsplit(".", 1)[-1].lower())
+    if found is None or found in NOT_READ or found not in Image.OPEN:
+        return None
+    return found if found in BY_NAME_ONLY or Image.OPEN[found][1] is None else None
+
+
+def open_image(data: bytes, name: str | None = None) -> Opened:
+    """Open image bytes after sniffing them; refuse bombs before any pixel is decoded.
+    `name` (the source's key): a format without a signature (TGA) is read by its extension."""
     fmt = sniff(data[:SNIFF_BYTES])
-    if fmt is None:
+    # a short signature of another format can match too (a TGA starts like a CUR): then
+    # the name's format is tried after it
+    by_name = format_by_name(name) if fmt not in _SIGNED else None
+    if fmt is None and by_name is None:
         raise ImageError(describe_non_image(data[:SNIFF_BYTES]))
-    if fmt == "HEIF":
-        raise ImageError("HEIC/HEIF is not supported (install pillow-heif); convert it to JPEG")
+    formats = list(dict.fromkeys(name for name in (fmt, by_name) if name))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
+            image = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:  # above Pillow's own (higher) limit
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = int(declared[1]) if declared else MAX_PIXELS + 1
         raise ImageError(_too_big(pixels)) from None
     except Exception as exc:  # Pillow raises many types for a bad header
+        if fmt is None:  # named like a format it is not
+            raise ImageError(f"{describe_non_image(data[:SNIFF_BYTES])}; its name says "
+                             f"{by_name}, which cannot read it") from None
         raise ImageError(f"cannot read {fmt} header: {_reason(exc)}") from None
+    fmt = image.format or fmt or by_name
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageError(_too_big(width * height, f"{width}x{height} is "))
@@ -333,9 +386,10 @@ class Rendered:
     notes: list[str] = field(default_factory=list)
 
 
-def render_resized(data: bytes, spec: PipelineSpec) -> Rendered:
-    """Source bytes -> resized, encoded output (the whole resize stage for one image)."""
-    opened = open_image(data)
+def render_resized(data: bytes, spec: PipelineSpec, name: str | None = None) -> Rendered:
+    """Source bytes -> resized, encoded output (the whole resize stage for one image);
+    `name`: the source's key (`open_image`)."""
+    opened = open_image(data, name)
     icc = opened.image.info.get("icc_profile")
     exif = kept_exif(opened.image) if spec.keep_metadata else None
     try:

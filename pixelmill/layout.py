@@ -15,8 +15,14 @@ from pixelmill.storage import safe_key
 
 # Extensions we replace with the output format's; anything else is kept and extended.
 IMAGE_EXTENSIONS = {
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".avif", ".tif", ".tiff",
-    ".bmp", ".heic", ".heif",
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".webp", ".avif", ".avifs",
+    ".tif", ".tiff", ".bmp", ".dib", ".heic", ".heics", ".heif", ".heifs", ".hif",
+    # the other formats the installed Pillow reads (imageops: all but NOT_READ; a test keeps
+    # this list in step with Pillow's)
+    ".blp", ".bw", ".cur", ".dcx", ".dds", ".fit", ".fits", ".flc", ".fli", ".ftc", ".ftu",
+    ".gbr", ".icb", ".icns", ".ico", ".im", ".j2c", ".j2k", ".jp2", ".jpc", ".jpf", ".jpx",
+    ".msp", ".pbm", ".pcd", ".pcx", ".pfm", ".pgm", ".pnm", ".ppm", ".psd", ".pxr", ".qoi",
+    ".ras", ".rgb", ".rgba", ".sgi", ".tga", ".vda", ".vst", ".xbm", ".xpm",
 }
 # A flow run must stay within a few hundred task runs (two per chunk): the server's event
 # queue dropped events for flows with thousands of task runs (Prefect 3.8, 10,000 messages).

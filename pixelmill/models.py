@@ -133,6 +133,8 @@ class Plan(Frozen):
     chunk_size: int
     ignored: int = 0  # objects that are not images (listed in manifest.json)
     parts: tuple[PartRef, ...] = ()
+    # those objects by their extension ("" for none), for the report and the summary
+    not_images: dict[str, int] = Field(default_factory=dict)
 
 
 class ChunkSummary(Frozen):
@@ -210,6 +212,8 @@ class RunReport(BaseModel):
     # A run planned in parts: how many, and `images` holds only (the first) failures; the
     # records are written from the parts' files (`gallery.build_gallery_of_parts`).
     parts: int = 0
+    # Listed files that are not images (not counted as discovered), by extension ("" none).
+    not_images: dict[str, int] = Field(default_factory=dict)
 
     @classmethod
     def build(
@@ -223,6 +227,7 @@ class RunReport(BaseModel):
         runner: RunnerChoice | None = None,
         counts: Counts | None = None,
         parts: int = 0,
+        not_images: dict[str, int] | None = None,
     ) -> RunReport:
         images = sorted(images, key=lambda image: image.source)
         if counts is None:
@@ -240,6 +245,8 @@ class RunReport(BaseModel):
             started_at=started_at,
             runner=runner,
             parts=parts,
+            not_images=dict(sorted((not_images or {}).items(),
+                                   key=lambda pair: (-pair[1], pair[0]))),
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -261,8 +268,21 @@ class RunReport(BaseModel):
             **({"shard": {"index": self.job.shard_index, "count": self.job.shard_count}}
                if self.job.sharded else {}),
             **({"parts": self.parts} if self.parts else {}),
+            "not_images": {"total": sum(self.not_images.values()),
+                           "by_extension": self.not_images},
             "failures": failures,
         }
+
+    def not_images_line(self, shown: int = 5) -> str | None:
+        """'331 files not images: 300 .txt, 20 without an extension, ...' (None if none)."""
+        total = sum(self.not_images.values())
+        if not total:
+            return None
+        kinds = [f"{count} {extension or 'without an extension'}"
+                 for extension, count in list(self.not_images.items())[:shown]]
+        more = len(self.not_images) - shown
+        return (f"{total} {'file' if total == 1 else 'files'} not images: {', '.join(kinds)}"
+                + (f" and {more} more kinds" if more > 0 else ""))
 
     @property
     def images_file(self) -> str:

@@ -501,6 +501,16 @@ def read_records(destination: Storage, job: Job, records: str) -> Iterator[Image
         yield from_record(json.loads(line))
 
 
+def _by_extension(keys: Iterable[str], into: dict[str, int] | None = None) -> dict[str, int]:
+    """How many `keys` have each extension (lower case; "" for none)."""
+    counts = into if into is not None else {}
+    for key in keys:
+        name = key.rsplit("/", 1)[-1]
+        extension = name[name.rfind("."):].lower() if "." in name.lstrip(".") else ""
+        counts[extension] = counts.get(extension, 0) + 1
+    return counts
+
+
 def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | None = None,
              cores: int = 1, write_manifest: bool = True,
              part_images: int = PART_IMAGES) -> Plan:
@@ -533,17 +543,19 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
                               "application/json")
         return Plan(discovered=len(first.manifest) + len(first.rejected), chunks=tuple(chunks),
                     rejected=tuple(first.rejected), kept=tuple(first.kept), chunk_size=size,
-                    ignored=len(first.ignored))
+                    ignored=len(first.ignored), not_images=_by_extension(first.ignored))
     if not write_manifest:
         raise ValueError("a plan in parts is written to the run folder; a dry run uses survey()")
     refs: list[PartRef] = []
     discovered = ignored = 0
+    not_images: dict[str, int] = {}
     rejected: list[dict] = []
     ignored_keys: list[str] = []
     for part in itertools.chain((first, second), parts):
         refs.append(write_part(destination, job, part))
         discovered += len(part.manifest) + len(part.rejected)
         ignored += len(part.ignored)
+        _by_extension(part.ignored, not_images)
         rejected += [{"source": r.source, "error": r.error}
                      for r in part.rejected[: max(0, MANIFEST_LIST - len(rejected))]]
         ignored_keys += part.ignored[: max(0, MANIFEST_LIST - len(ignored_keys))]
@@ -564,7 +576,7 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
         if info.key not in planned:
             destination.delete(info.key)
     return Plan(discovered=discovered, chunks=(), chunk_size=0, ignored=ignored,
-                parts=tuple(refs))
+                parts=tuple(refs), not_images=not_images)
 
 
 def _overlaps(storage: Storage) -> bool:
@@ -595,7 +607,7 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
         for item, data in prefetched(todo, lambda item: source.read(item.source),
                                      PREFETCH if _overlaps(source) else 0):
             try:
-                rendered = render_resized(data.result(), spec)
+                rendered = render_resized(data.result(), spec, item.source)
             except FileNotFoundError:
                 done[item.source] = ImageResult(
                     source=item.source, status="failed",

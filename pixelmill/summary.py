@@ -60,6 +60,7 @@ def markdown(report: RunReport, gallery_key: str) -> str:
         *([f"- runner: {report.runner.name}"
            + (f" ({report.runner.reason})" if report.runner.reason else "")]
           if report.runner else []),
+        *([f"- {report.not_images_line()} (left alone)"] if report.not_images else []),
         "",
         *_gallery_lines(report, gallery_key),
     ]

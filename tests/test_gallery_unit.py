@@ -397,3 +397,29 @@ def test_a_page_of_500_images_stays_small(dest):
     page = render_page(report, 1, 2, 0, report.shown[:PAGE_SIZE])
     assert page.count("<figure") == PAGE_SIZE and len(page.encode()) < 2_000_000
     assert render_index(report, []).count("<figure") == 0
+
+
+def test_files_that_are_not_images_are_counted_by_extension_in_the_report(tmp_path):
+    from pixelmill import pipeline, summary
+    from pixelmill.samples import jpeg_bytes, photo
+    from pixelmill.storage import LocalStorage
+
+    source = tmp_path / "src"
+    (source / "docs").mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "c.TXT", "docs/readme", "docs/x.pdf"):
+        (source / name).write_bytes(b"hello, not a picture")
+    (source / "p.jpg").write_bytes(jpeg_bytes(photo(16, 12)))
+    job = Job(source=str(source), destination=str(tmp_path / "dst"), run="r")
+    plan = pipeline.discover(LocalStorage(source), LocalStorage(tmp_path / "dst"), job,
+                             write_manifest=False)
+    assert plan.not_images == {".txt": 3, "": 1, ".pdf": 1} and plan.discovered == 1
+    report = RunReport.build(job, plan.discovered, list(plan.kept), 1.0,
+                             not_images=plan.not_images)
+    document = report.to_json_dict()
+    assert document["not_images"] == {"total": 5, "by_extension": {".txt": 3, "": 1,
+                                                                   ".pdf": 1}}
+    assert list(document["not_images"]["by_extension"]) == [".txt", "", ".pdf"]  # most first
+    line = "5 files not images: 3 .txt, 1 without an extension, 1 .pdf"
+    assert report.not_images_line() == line
+    assert line in summary.markdown(report, "r/gallery/index.html")
+    assert RunReport.build(job, 0, [], 1.0).not_images_line() is None

@@ -379,9 +379,95 @@ def test_utf8_text_cut_mid_character_is_still_text():
     assert "text starting" in imageops.describe_non_image(head)
 
 
-def test_heic_is_refused_with_advice():
-    with pytest.raises(ImageError, match="HEIC"):
-        open_image(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+def _heic(orientation: int = 1, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A HEIC (made with pillow-heif's HEVC encoder) with a red top-left corner, an sRGB
+    profile and, in EXIF, an orientation and a GPS position."""
+    image = Image.new("RGB", size, (20, 160, 60))
+    image.paste((255, 0, 0), (0, 0, size[0] // 4, size[1] // 4))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif.get_ifd(0x8825)[2] = (52.0, 31.0, 12.0)
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, "HEIF", quality=90, exif=exif.tobytes(), icc_profile=profile)
+    return buffer.getvalue()
+
+
+def test_heic_is_read_oriented_with_its_profile_like_a_jpeg():
+    data = _heic(orientation=6)  # rotated 90 degrees: shown 48 wide, 64 high
+    assert sniff(data[:32]) == "HEIF"
+    rendered = render_resized(data, PipelineSpec(size=(24, 32), format="png"))
+    out = Image.open(io.BytesIO(rendered.data))
+    assert (rendered.width, rendered.height) == (24, 32) == out.size
+    assert out.info.get("icc_profile")  # the profile is carried over
+    assert not dict(out.getexif().get_ifd(0x8825))  # and the GPS position is not
+    red = out.convert("RGB").getpixel((out.width - 2, 1))  # rotated: the red corner is top right
+    assert red[0] > 200 and red[1] < 80, red
+
+
+def test_a_heic_named_jpg_is_recognised_by_its_bytes(tmp_path):
+    from pixelmill import pipeline
+    from pixelmill.models import ChunkItem, Job
+    from pixelmill.storage import LocalStorage
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/phone.jpg").write_bytes(_heic())
+    source, dest = LocalStorage(tmp_path / "src"), LocalStorage(tmp_path / "dst")
+    job = Job(source=source.uri, destination=dest.uri, run="r", spec=PipelineSpec(size=(32, 24)))
+    [made] = pipeline.resize_images((ChunkItem(source="phone.jpg", output="phone.jpg"),), job,
+                                    source, dest)
+    assert (made.status, made.width, made.height) == ("ok", 32, 24), made
+    assert Image.open(tmp_path / "dst/r/resized/phone.jpg").format == "JPEG"
+
+
+def _written(fmt: str, **options) -> bytes:
+    image = Image.new("RGB", (40, 30), (200, 80, 20))
+    if fmt in ("MSP", "XBM"):
+        image = image.convert("1")
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt,name,options", [
+    ("TIFF", "big.tif", {"big_tiff": True}), ("JPEG2000", "scan.jp2", {}),
+    ("PPM", "frame.ppm", {}), ("TGA", "sprite.tga", {}), ("PCX", "old.pcx", {}),
+    ("ICO", "favicon.ico", {}), ("DDS", "texture.dds", {}), ("QOI", "shot.qoi", {}),
+    ("SGI", "icon.sgi", {}), ("MSP", "paint.msp", {}), ("XBM", "glyph.xbm", {}),
+])
+def test_every_format_pillow_reads_is_read(fmt, name, options):
+    data = _written(fmt, **options)
+    rendered = render_resized(data, PipelineSpec(size=(20, 20)), name)
+    assert Image.open(io.BytesIO(rendered.data)).format == "JPEG"
+    assert rendered.width == 20
+    layout_extension = "." + name.rsplit(".", 1)[1]
+    from pixelmill.layout import IMAGE_EXTENSIONS, is_image_candidate
+
+    assert layout_extension in IMAGE_EXTENSIONS and is_image_candidate(name)
+
+
+def test_a_format_known_only_by_its_name_is_not_read_from_other_bytes():
+    # a TGA has no signature: only a .tga name lets Pillow try it, and a PDF named .tga
+    # says what it is
+    tga = _written("TGA")
+    assert sniff(tga[:32]) in (None, "CUR")  # its first bytes could be a cursor's
+    with pytest.raises(ImageError):
+        render_resized(tga, PipelineSpec(size=(20, 20)), "sprite.jpg")
+    with pytest.raises(ImageError, match=r"a PDF document\); its name says TGA"):
+        render_resized(b"%PDF-1.7\n1 0 obj", PipelineSpec(size=(20, 20)), "sprite.tga")
+
+
+def test_the_extensions_of_every_format_pillow_reads_are_image_names():
+    """layout.IMAGE_EXTENSIONS is written out (no plugin loading when a command starts):
+    this fails when the installed Pillow reads an extension it lacks."""
+    from pixelmill.layout import IMAGE_EXTENSIONS
+
+    Image.init()
+    readable = {extension for extension, fmt in Image.registered_extensions().items()
+                if fmt in Image.OPEN and fmt not in imageops.NOT_READ}
+    assert readable <= IMAGE_EXTENSIONS, sorted(readable - IMAGE_EXTENSIONS)
+    for extension in IMAGE_EXTENSIONS:  # and nothing Pillow does not read
+        assert Image.registered_extensions().get(extension) in set(Image.OPEN) - imageops.NOT_READ, extension
 
 
 class _Decoded(BaseException):
@@ -593,3 +679,10 @@ def test_keeping_metadata_is_a_setting_of_its_own_and_leaves_older_stamps_alone(
     assert provenance.resized_stamp("a.jpg", "1", plain) != provenance.resized_stamp(
         "a.jpg", "1", kept)
     assert '"keep-metadata"' not in provenance._settings("resized", plain)
+
+
+def test_a_bomb_in_a_format_known_by_its_name_is_refused_before_decoding(no_decoding):
+    header = bytes([0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]) + (30000).to_bytes(2, "little") * 2
+    tga = header + bytes([24, 0x20]) + b"\0" * 64
+    with pytest.raises(ImageError, match="900 MP, above the 150 MP limit"):
+        render_resized(tga, PipelineSpec(size=(20, 20)), "huge.tga")
