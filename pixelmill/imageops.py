@@ -188,7 +188,10 @@ def open_image(data: bytes, name: str | None = None) -> Opened:
     if width * height > MAX_PIXELS:
         raise ImageError(_too_big(width * height, f"{width}x{height} is "))
     opened = Opened(image=image, format=fmt)
-    frames = getattr(image, "n_frames", 1)
+    try:
+        frames = getattr(image, "n_frames", 1)  # GIF and PSD parse every frame or layer
+    except Exception as exc:  # noqa: BLE001  (a damaged frame or layer table)
+        raise ImageError(f"cannot read {fmt} frames: {_reason(exc)}") from None
     if frames > 1:
         opened.notes.append(f"animated ({frames} frames): first frame used")
     return opened

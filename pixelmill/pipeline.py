@@ -607,16 +607,26 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
         for item, data in prefetched(todo, lambda item: source.read(item.source),
                                      PREFETCH if _overlaps(source) else 0):
             try:
-                rendered = render_resized(data.result(), spec, item.source)
+                raw = data.result()  # any other storage error raises: the chunk is retried
             except FileNotFoundError:
                 done[item.source] = ImageResult(
                     source=item.source, status="failed",
                     error="vanished from the source after it was listed")
                 continue
+            try:
+                rendered = render_resized(raw, spec, item.source)
             except ImageError as exc:
                 done[item.source] = ImageResult(source=item.source, status="failed",
                                                 error=str(exc))
                 continue
+            except Exception as exc:  # noqa: BLE001  (a decoder's own error: this image only)
+                done[item.source] = ImageResult(
+                    source=item.source, status="failed",
+                    error=f"cannot decode: {type(exc).__name__}: {exc}")
+                log.warning("%s: unexpected %s from the decoder: %s", item.source,
+                            type(exc).__name__, exc)
+                continue
+            del raw
             output = f"resized/{item.output}"
             stamp = provenance.resized_stamp(item.source, item.version, spec)
             writer.submit(f"{job.run}/{output}", rendered.data, spec.content_type,

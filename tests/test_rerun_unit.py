@@ -317,3 +317,50 @@ def test_a_flow_given_a_file_as_destination_is_refused_in_one_line(tmp_path, pre
     assert state.is_failed()
     assert state.message.startswith(f"DEST {tmp_path / 'out'} is a file, not a folder")
     assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_a_decoder_error_of_any_kind_fails_that_image_only(tmp_path, monkeypatch):
+    """Pillow raises ValueError, SyntaxError, ... from damaged files (a GIF's frame table, a
+    PSD's layers): the image fails with the reason, its chunk's other images are made."""
+    from pixelmill import pipeline
+    from pixelmill.models import ChunkItem, Job
+    from pixelmill.samples import jpeg_bytes, photo
+    from pixelmill.spec import PipelineSpec
+
+    (tmp_path / "src").mkdir()
+    for name in ("a.jpg", "bad.gif", "c.jpg"):
+        (tmp_path / "src" / name).write_bytes(jpeg_bytes(photo(16, 12)))
+    real = pipeline.render_resized
+
+    def render(data, spec, name=None):
+        if name == "bad.gif":
+            raise SyntaxError("Layer block too short for number of layers requested")
+        return real(data, spec, name)
+
+    monkeypatch.setattr(pipeline, "render_resized", render)
+    source, dest = LocalStorage(tmp_path / "src"), LocalStorage(tmp_path / "dst")
+    job = Job(source=source.uri, destination=dest.uri, run="r", spec=PipelineSpec(size=(8, 6)))
+    made = pipeline.resize_images(tuple(ChunkItem(source=n, output=n)
+                                        for n in ("a.jpg", "bad.gif", "c.jpg")), job,
+                                  source, dest)
+    assert [image.status for image in made] == ["ok", "failed", "ok"]
+    assert made[1].error == ("cannot decode: SyntaxError: Layer block too short for number "
+                             "of layers requested")
+
+
+def test_a_storage_error_while_reading_still_fails_the_chunk_for_a_retry(tmp_path, monkeypatch):
+    from pixelmill import pipeline
+    from pixelmill.models import ChunkItem, Job
+    from pixelmill.spec import PipelineSpec
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.jpg").write_bytes(b"\xff\xd8\xff")
+    source, dest = LocalStorage(tmp_path / "src"), LocalStorage(tmp_path / "dst")
+
+    def read(key):
+        raise ConnectionError("the storage went away")
+
+    monkeypatch.setattr(source, "read", read)
+    job = Job(source=source.uri, destination=dest.uri, run="r", spec=PipelineSpec(size=(8, 6)))
+    with pytest.raises(ConnectionError):
+        pipeline.resize_images((ChunkItem(source="a.jpg", output="a.jpg"),), job, source, dest)
