@@ -35,10 +35,10 @@ class Frozen(BaseModel):
 # Images to make up to which `auto` runs a batch on threads in the flow's own process.
 # Pillow releases the GIL while it decodes, resizes and encodes, so a thread per core keeps
 # the cores busy without Ray's per-command cost (connecting, workers that import Prefect,
-# shutting down). Threads were the fastest at every size measured on 2 cores, up to 20,000
-# images (docs/decisions.md, "Which runner"); past that Ray, which a batch that large also
-# needs to spread over a cluster.
-CROSSOVER_IMAGES = 20000
+# shutting down). Threads were as fast as Ray or faster at every size measured on 2 cores,
+# up to 200,000 images (README, "Which runner `auto` takes"); past that Ray, which a batch
+# that large also needs to spread over a cluster.
+CROSSOVER_IMAGES = 200_000
 
 
 def auto_runner(images: int, needs_ray: str | None = None,
