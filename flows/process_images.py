@@ -501,6 +501,7 @@ def _part_run_name(job: Job, batch: Sequence[PartRef]) -> str:
 # still wait for a worker.
 PART_POLL_S = 2.0
 WAITING_NOTE_S = 60.0
+PAGE = 200  # flow runs read at a time
 
 
 def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment: str,
@@ -530,18 +531,26 @@ def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment
     with get_client(sync_client=True) as client:
         while pending:
             time.sleep(PART_POLL_S)
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=list(pending))), limit=len(pending))
+            ids = list(pending)
+            runs = [run for start in range(0, len(ids), PAGE)  # the API's page size
+                    for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(any_=ids[start:start + PAGE])), limit=PAGE)]
             for run in runs:
                 if run.state is None or not run.state.is_final():
                     continue
                 batch = pending.pop(run.id)
+                reason = None
                 if run.state.is_completed():
-                    done[batch[0].number] = [pipeline.read_summary(destination, job, part.number)
-                                             for part in batch]
+                    try:
+                        done[batch[0].number] = [
+                            pipeline.read_summary(destination, job, part.number)
+                            for part in batch]
+                    except Exception as exc:  # noqa: BLE001  (gone or unreadable)
+                        reason = f"part {run.name} finished but left no summary: {exc}"
                 else:
                     reason = (f"part {run.name} failed: "
                               f"{run.state.message or run.state.name}")
+                if reason:
                     logger.error(reason)
                     done[batch[0].number] = _record_parts(job, batch, {}, reason)
                 on_batch()
