@@ -169,7 +169,7 @@ def open_image(data: bytes, name: str | None = None) -> Opened:
     by_name = format_by_name(name) if fmt not in _SIGNED else None
     if fmt is None and by_name is None:
         raise ImageError(describe_non_image(data[:SNIFF_BYTES]))
-    formats = list(dict.fromkeys(name for name in (fmt, by_name) if name))
+    formats = list(dict.fromkeys(found for found in (fmt, by_name) if found))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

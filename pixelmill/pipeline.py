@@ -593,7 +593,8 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
     """Resize each image of a chunk (those whose resized output is not kept); a bad image is
     a failed result, storage errors raise. Each output is written with its stamp.
 
-    Sources are read one ahead and outputs written in the background (`overlap`)."""
+    On storage with round trips (GCS) sources are read ahead and outputs written in the
+    background (`overlap`); on a local folder both in line."""
     spec = job.spec
     done: dict[str, ImageResult] = {}
     for item in items:
