@@ -309,6 +309,8 @@ def process_images(
         _check_resources(stages, nodes)
         _check_paths(job, nodes, shared_filesystem)
         check_destination(destination)  # a file, unwritable, no bucket: refused, not retried
+        if part_deployment:
+            _check_part_deployment(part_deployment)
         job, lock = _lock_run_folder(job, named=bool(run_name))
     except UsageError as exc:  # a refusal, not a crash: one line in the state, no traceback
         return Failed(message=str(exc), data=exc)
@@ -463,7 +465,8 @@ def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
                  resize_resources: StageResources = StageResources(),
                  filter_resources: StageResources = StageResources(),
                  cores: int | None = None, result_storage: str | None = None,
-                 since: float | None = None) -> list[PartSummary]:
+                 since: float | None = None,
+                 since_epoch: float | None = None) -> list[PartSummary]:
     """Consecutive parts of a run too big for one flow run: their images to make in chunks,
     and each part's records written to the run folder. A retry makes them again.
 
@@ -472,7 +475,10 @@ def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
     runs on its own runner (`auto`), and leaves each part's summary in the run folder for
     the run to read. `cores`: the parent's, for chunk sizes (default: this machine's or
     Ray's). `since`: the run's start (`time.monotonic()` of the parent's process), which
-    the chunks' finishing times count from."""
+    the chunks' finishing times count from; `since_epoch`: the same as a wall-clock time,
+    for a part run in another process."""
+    if since is None and since_epoch is not None:
+        since = time.monotonic() - (time.time() - since_epoch)
     stages = {"resize": resize_resources, "filter": filter_resources}
     _choose_runner(sum(part.images for part in parts), stages)  # auto: threads or Ray
     if cores is None:
@@ -490,6 +496,19 @@ def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
                           parts[-1].label, sum(c.ok for c in counts),
                           sum(c.failed for c in counts), sum(c.skipped for c in counts))
     return summaries
+
+
+def _check_part_deployment(name: str) -> None:
+    """Refuse a `part_deployment` that is not deployed, before any part is started."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except (ObjectNotFound, ValueError):
+        raise UsageError(f"part_deployment {name!r}: no such deployment; deploy prefect.yaml "
+                         "(process-images-part/parts) or leave it out") from None
 
 
 def _part_run_name(job: Job, batch: Sequence[PartRef]) -> str:
@@ -535,6 +554,13 @@ def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment
             runs = [run for start in range(0, len(ids), PAGE)  # the API's page size
                     for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
                         id=FlowRunFilterId(any_=ids[start:start + PAGE])), limit=PAGE)]
+            seen = {run.id for run in runs}
+            for run_id in [run_id for run_id in ids if run_id not in seen]:
+                batch = pending.pop(run_id)  # deleted: nothing will finish it
+                reason = f"part {_part_run_name(job, batch)}: its flow run was deleted"
+                logger.error(reason)
+                done[batch[0].number] = _record_parts(job, batch, {}, reason)
+                on_batch()
             for run in runs:
                 if run.state is None or not run.state.is_final():
                     continue
@@ -545,7 +571,7 @@ def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment
                         done[batch[0].number] = [
                             pipeline.read_summary(destination, job, part.number)
                             for part in batch]
-                    except Exception as exc:  # noqa: BLE001  (gone or unreadable)
+                    except (FileNotFoundError, ValueError) as exc:  # other errors raise
                         reason = f"part {run.name} finished but left no summary: {exc}"
                 else:
                     reason = (f"part {run.name} failed: "
@@ -598,7 +624,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
             job, batches, part_deployment,
             {"chunk_size": chunk_size, "resize_resources": resize_resources.model_dump(),
              "filter_resources": filter_resources.model_dump(),
-             "result_storage": result_storage}, on_batch)
+             "result_storage": result_storage,
+             "since_epoch": time.time() - (time.monotonic() - started)}, on_batch)
     for batch in batches:
         if batch[0].number in by_batch:
             continue

@@ -35,7 +35,8 @@ MATTE = (255, 255, 255)
 KEPT_EXIF = {0x010F: "Make", 0x0110: "Model", 0x0132: "DateTime", 0x013B: "Artist",
              0x8298: "Copyright"}
 KEPT_EXIF_IFD = {0x9003: "DateTimeOriginal", 0x9004: "DateTimeDigitized",
-                 0x9010: "OffsetTime", 0x9011: "OffsetTimeOriginal", 0xA434: "LensModel"}
+                 0x9010: "OffsetTime", 0x9011: "OffsetTimeOriginal",
+                 0x9012: "OffsetTimeDigitized", 0xA434: "LensModel"}
 _EXIF_IFD = 0x8769
 
 _WORKING_MODES = {"RGB", "RGBA", "L", "LA"}
@@ -52,7 +53,8 @@ pillow_heif.register_heif_opener()
 NOT_READ = frozenset({"EPS", "MPEG", "BUFR", "GRIB", "HDF5", "WMF", "IPTC"})
 # Signatures too short to tell an image from other bytes (a text file starting "P1", two
 # bytes of PCX): such files are taken by their name only (layout.IMAGE_EXTENSIONS).
-BY_NAME_ONLY = frozenset({"PCX", "PPM", "XBM", "XPM", "TGA", "MSP", "SUN", "PIXAR", "SGI"})
+BY_NAME_ONLY = frozenset({"PCX", "PPM", "XBM", "XPM", "TGA", "MSP", "SUN", "PIXAR", "SGI",
+                          "GBR", "MCIDAS", "CUR", "ICO"})  # GBR's check matches a git index
 
 
 # Formats with a signature of their own, told apart by `sniff` before any plugin is loaded.

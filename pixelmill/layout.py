@@ -13,16 +13,22 @@ from pixelmill.errors import UsageError
 from pixelmill.models import Chunk, ChunkItem
 from pixelmill.storage import safe_key
 
-# Extensions we replace with the output format's; anything else is kept and extended.
-IMAGE_EXTENSIONS = {
+# Image names taken at discovery by their name alone (their bytes are checked where they are
+# decoded).
+CANDIDATE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".webp", ".avif", ".avifs",
     ".tif", ".tiff", ".bmp", ".dib", ".heic", ".heics", ".heif", ".heifs", ".hif",
-    # the other formats the installed Pillow reads (imageops: all but NOT_READ; a test keeps
-    # this list in step with Pillow's)
-    ".blp", ".bw", ".cur", ".dcx", ".dds", ".fit", ".fits", ".flc", ".fli", ".ftc", ".ftu",
-    ".gbr", ".icb", ".icns", ".ico", ".im", ".j2c", ".j2k", ".jp2", ".jpc", ".jpf", ".jpx",
-    ".msp", ".pbm", ".pcd", ".pcx", ".pfm", ".pgm", ".pnm", ".ppm", ".psd", ".pxr", ".qoi",
-    ".ras", ".rgb", ".rgba", ".sgi", ".tga", ".vda", ".vst", ".xbm", ".xpm",
+    ".jp2", ".j2k", ".jpx", ".jpf", ".jpc", ".j2c", ".psd", ".ico", ".icns", ".dds", ".qoi",
+    ".tga", ".pcx", ".ppm", ".pgm", ".pbm", ".pnm",
+}
+# Extensions we replace with the output format's: every format the installed Pillow reads
+# (imageops: all but NOT_READ; a test keeps this in step with Pillow's list). The ones not in
+# CANDIDATE_EXTENSIONS are names other files use too (a Garmin `.fit`, a Gerber `.gbr`):
+# such a file is read for its first bytes at discovery like one with no extension.
+IMAGE_EXTENSIONS = CANDIDATE_EXTENSIONS | {
+    ".blp", ".bw", ".cur", ".dcx", ".fit", ".fits", ".flc", ".fli", ".ftc", ".ftu", ".gbr",
+    ".icb", ".im", ".msp", ".pcd", ".pfm", ".pxr", ".ras", ".rgb", ".rgba", ".sgi", ".vda",
+    ".vst", ".xbm", ".xpm",
 }
 # A flow run must stay within a few hundred task runs (two per chunk): the server's event
 # queue dropped events for flows with thousands of task runs (Prefect 3.8, 10,000 messages).
@@ -65,7 +71,7 @@ def check_run_name(name: str) -> str:
 def is_image_candidate(name: str, content_type: str | None = None) -> bool:
     """An object worth decoding by its listing alone: an image extension or an image/* type
     (its bytes are checked where it is decoded)."""
-    return (posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return (posixpath.splitext(name)[1].lower() in CANDIDATE_EXTENSIONS
             or (content_type or "").startswith("image/"))
 
 

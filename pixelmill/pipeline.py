@@ -14,7 +14,8 @@ from pixelmill import provenance
 from pixelmill.errors import ImageError
 from pixelmill.filters import filter_folder
 from pixelmill.imageops import (
-    SNIFF_BYTES, decode, describe_non_image, render_filters, render_resized, sniff,
+    SNIFF_BYTES, decode, describe_non_image, format_by_name, render_filters, render_resized,
+    sniff,
 )
 from pixelmill.layout import (
     MAX_CHUNKS, PART_IMAGES, RAMP_DIVISOR, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
@@ -112,9 +113,10 @@ def _classified(source: Storage, listing: Iterable[ObjectInfo]) -> Iterator[tupl
         for is_named, info in pending:
             if is_named:
                 yield named(info)
-            else:
+            else:  # an image by its first bytes, or by a name whose format has no signature
                 fmt = sniff(next(heads))
-                yield ("image", (info, fmt)) if fmt is not None else ("ignored", info.key)
+                yield (("image", (info, fmt)) if fmt is not None or format_by_name(info.key)
+                       else ("ignored", info.key))
         pending.clear()
 
     for info in listing:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from pixelmill.errors import UsageError
-from pixelmill.imageops import SNIFF_BYTES, sniff
+from pixelmill.imageops import SNIFF_BYTES, format_by_name, sniff
 from pixelmill.layout import is_image_candidate
 from pixelmill.storage import META_DIR, TEMP_PREFIX, is_gcs, open_storage
 
@@ -46,7 +46,7 @@ def _local_has_image(root: Path, skip: Path | None) -> bool:
                     return True
                 sniffed += 1
                 with open(entry.path, "rb") as handle:
-                    if sniff(handle.read(SNIFF_BYTES)):
+                    if sniff(handle.read(SNIFF_BYTES)) or format_by_name(entry.name):
                         return True
             except OSError:
                 continue  # vanished or unreadable: discovery reports what it can read
@@ -66,7 +66,8 @@ def _gcs_has_image(source: str) -> bool:
         if sniffed >= MAX_SNIFFED:
             return True
         sniffed += 1
-        if info.size and sniff(storage.read_head(info.key, SNIFF_BYTES)):
+        if info.size and (sniff(storage.read_head(info.key, SNIFF_BYTES))
+                          or format_by_name(info.key)):
             return True
     return False
 

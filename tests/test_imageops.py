@@ -440,10 +440,41 @@ def test_every_format_pillow_reads_is_read(fmt, name, options):
     rendered = render_resized(data, PipelineSpec(size=(20, 20)), name)
     assert Image.open(io.BytesIO(rendered.data)).format == "JPEG"
     assert rendered.width == 20
-    layout_extension = "." + name.rsplit(".", 1)[1]
-    from pixelmill.layout import IMAGE_EXTENSIONS, is_image_candidate
+    from pixelmill.layout import IMAGE_EXTENSIONS
 
-    assert layout_extension in IMAGE_EXTENSIONS and is_image_candidate(name)
+    assert "." + name.rsplit(".", 1)[1] in IMAGE_EXTENSIONS
+
+
+def test_discovery_takes_every_readable_format_and_leaves_lookalikes_alone(tmp_path):
+    """Common image names are taken by name; the rarer ones (names other files use too)
+    by their first bytes, or by name where the format has no signature; a Garmin `.fit`,
+    a git index and a text file are left alone as not images."""
+    from pixelmill import pipeline
+    from pixelmill.models import Job
+    from pixelmill.storage import LocalStorage
+
+    source = tmp_path / "src"
+    source.mkdir()
+    files = {"sprite.tga": _written("TGA"), "old.pcx": _written("PCX"),
+             "paint.msp": _written("MSP"), "icon.sgi": _written("SGI"),
+             "glyph.xbm": _written("XBM"), "scan.jp2": _written("JPEG2000"),
+             "big.tif": _written("TIFF", big_tiff=True),
+             "ride.fit": b"\x0e\x10\x43\x08\x78\x06\x00\x00.FIT" + b"\x00" * 40,
+             "index": b"DIRC\x00\x00\x00\x02\x00\x00\x00\x10" + b"\x00" * 40,
+             "notes.txt": b"P1 is the first point\n"}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    job = Job(source=str(source), destination=str(tmp_path / "dst"), run="r",
+              spec=PipelineSpec(size=(20, 20)))
+    plan = pipeline.discover(LocalStorage(source), LocalStorage(tmp_path / "dst"), job,
+                             write_manifest=False)
+    taken = sorted(item.source for chunk in plan.chunks for item in chunk.items)
+    assert taken == ["big.tif", "glyph.xbm", "icon.sgi", "old.pcx", "paint.msp", "scan.jp2",
+                     "sprite.tga"]
+    assert plan.not_images == {".fit": 1, "": 1, ".txt": 1}
+    made = pipeline.resize_images(tuple(item for chunk in plan.chunks for item in chunk.items),
+                                  job, LocalStorage(source), LocalStorage(tmp_path / "dst"))
+    assert [image.status for image in made] == ["ok"] * 7, made
 
 
 def test_a_format_known_only_by_its_name_is_not_read_from_other_bytes():

@@ -195,3 +195,17 @@ def test_a_parted_run_bucket_to_bucket_streams_its_records_file(gcs, prefect_api
     for entry in report["images"]:
         assert {f"out/g/{path}" for path in entry["outputs"].values()} <= names
     assert dst.get_blob("out/g/images.jsonl").content_type == "application/x-ndjson"
+
+
+def test_an_unknown_part_deployment_is_refused_before_anything_is_written(tmp_path,
+                                                                          prefect_api):
+    from flows.process_images import make_task_runner, process_images
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.jpg").write_bytes(encode(Image.new("RGB", (24, 18)), "jpeg"))
+    flow = process_images.with_options(task_runner=make_task_runner("threads"))
+    state = flow(source=str(tmp_path / "src"), destination=str(tmp_path / "dst"), spec=SPEC,
+                 run_name="x", part_deployment="nope/parts", return_state=True)
+    assert state.is_failed()
+    assert "part_deployment 'nope/parts': no such deployment" in state.message, state.message
+    assert not (tmp_path / "dst/x/resized").exists()
