@@ -364,3 +364,33 @@ def test_a_storage_error_while_reading_still_fails_the_chunk_for_a_retry(tmp_pat
     job = Job(source=source.uri, destination=dest.uri, run="r", spec=PipelineSpec(size=(8, 6)))
     with pytest.raises(ConnectionError):
         pipeline.resize_images((ChunkItem(source="a.jpg", output="a.jpg"),), job, source, dest)
+
+
+def test_tidy_leaves_a_big_journal_alone_until_the_small_ones_add_up_to_it(tmp_path):
+    """A nightly run that adds a few outputs does not rewrite every line of the first run's
+    journal; once the small journals hold as much as the big one, they are folded."""
+    store = LocalStorage(tmp_path)
+    first = LocalStorage(tmp_path)
+    for number in range(20):
+        first.write(f"run/{number:02d}.jpg", b"x", "image/jpeg", {"pixelmill-made": "s"})
+    LocalStorage(tmp_path).write("run/new-0.jpg", b"x", "image/jpeg", {"pixelmill-made": "n"})
+    old = time.time() - 3600
+    journals = tmp_path / "run" / META_DIR
+
+    def age_all():
+        for journal in journals.glob("*.jsonl"):
+            os.utime(journal, (old, old))
+
+    age_all()
+    before = {info.key: info.metadata for info in store.list("run/")}
+    store.tidy("run")
+    assert len(list(journals.glob("*.jsonl"))) == 2  # 1 line against 20: not worth it yet
+    for night in range(1, 20):
+        LocalStorage(tmp_path).write(f"run/new-{night}.jpg", b"x", "image/jpeg",
+                                     {"pixelmill-made": "n"})
+    age_all()
+    store.tidy("run")
+    assert len(list(journals.glob("*.jsonl"))) == 1  # 20 small ones: folded into one
+    after = {info.key: info.metadata for info in store.list("run/")}
+    assert after == {**before, **{f"run/new-{n}.jpg": {"pixelmill-made": "n"}
+                                  for n in range(20)}}
