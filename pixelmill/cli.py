@@ -295,7 +295,7 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
     credentials block)."""
     from pixelmill import pipeline
     from pixelmill.layout import PART_IMAGES, run_stamp
-    from pixelmill.models import Job
+    from pixelmill.models import Job, not_images_line
     from pixelmill.spec import auto_runner
 
     source, dest = _checked(source, dest, runner, run_name, chunk_size, gcp_credentials_block,
@@ -326,6 +326,9 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
               "ignored", highlight=False)
     for image in found.first_rejected:
         out.print(f"  refused {image.source}: {image.error}", highlight=False)
+    not_images = not_images_line(found.not_images)
+    if not_images:
+        out.print(f"  {not_images} (left alone)", highlight=False)
     if to_make:
         children = found.child_flow_runs
         parts = (f", the listing planned in {found.parts} parts of about "

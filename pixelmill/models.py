@@ -275,14 +275,8 @@ class RunReport(BaseModel):
 
     def not_images_line(self, shown: int = 5) -> str | None:
         """'331 files not images: 300 .txt, 20 without an extension, ...' (None if none)."""
-        total = sum(self.not_images.values())
-        if not total:
-            return None
-        kinds = [f"{count} {extension or 'without an extension'}"
-                 for extension, count in list(self.not_images.items())[:shown]]
-        more = len(self.not_images) - shown
-        return (f"{total} {'file' if total == 1 else 'files'} not images: {', '.join(kinds)}"
-                + (f" and {more} more kinds" if more > 0 else ""))
+        return not_images_line(self.not_images, shown)
+
 
     @property
     def images_file(self) -> str:
@@ -328,7 +322,21 @@ class RunReport(BaseModel):
         return [image for image in self.images if image.status != "failed"]
 
 
+def not_images_line(by_extension: dict[str, int], shown: int = 5) -> str | None:
+    """Listed files that are not images, by extension, most first, in a line (None if
+    none)."""
+    total = sum(by_extension.values())
+    if not total:
+        return None
+    ordered = sorted(by_extension.items(), key=lambda pair: (-pair[1], pair[0]))
+    kinds = [f"{count} {extension or 'without an extension'}"
+             for extension, count in ordered[:shown]]
+    more = len(ordered) - shown
+    return (f"{total} {'file' if total == 1 else 'files'} not images: {', '.join(kinds)}"
+            + (f" and {more} more kinds" if more > 0 else ""))
+
 __all__ = [
+    "not_images_line",
     "Chunk", "ChunkItem", "ChunkResult", "ChunkSummary", "Counts", "ImageResult", "Job",
     "PartRef", "PartSummary", "PipelineSpec", "Plan", "RunnerChoice", "RunReport",
     "StageResources",

@@ -316,6 +316,7 @@ class Survey:
     parts: int = 0
     first_rejected: list[ImageResult] = field(default_factory=list)
     work: list[tuple[int, int]] = field(default_factory=list)  # each part: (to make, bytes)
+    not_images: dict[str, int] = field(default_factory=dict)  # by extension
 
     part_images: int = PART_IMAGES
 
@@ -379,6 +380,7 @@ def survey(source: Storage, destination: Storage, job: Job,
         found.to_make_bytes += part.item_bytes
         found.rejected += len(part.rejected)
         found.ignored += len(part.ignored)
+        _by_extension(part.ignored, found.not_images)
         found.first_rejected += part.rejected[: max(0, 10 - len(found.first_rejected))]
         found.work.append((len(part.items), part.item_bytes))
     return found
@@ -626,8 +628,6 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                 done[item.source] = ImageResult(
                     source=item.source, status="failed",
                     error=f"cannot decode: {type(exc).__name__}: {exc}")
-                log.warning("%s: unexpected %s from the decoder: %s", item.source,
-                            type(exc).__name__, exc)
                 continue
             del raw
             output = f"resized/{item.output}"

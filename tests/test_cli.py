@@ -325,6 +325,7 @@ def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(tmp_path, prefect
             "with the same settings), 5 to make, 1 refused at discovery; 1 other files "
             "ignored") in " ".join(result.stdout.split())
     assert "refused empty.jpg" in result.stdout
+    assert "1 file not images: 1 .txt (left alone)" in result.stdout
     assert "runner threads (auto: 5 images to make on one machine" in result.stdout
     assert " parts" not in result.stdout  # 12 images: one part
     assert (tree(source), tree(dest)) == before
