@@ -511,6 +511,13 @@ def _check_part_deployment(name: str) -> None:
                          "(process-images-part/parts) or leave it out") from None
 
 
+def _part_failed(job: Job, batch: Sequence[PartRef], reason: str) -> list[PartSummary]:
+    """A group of parts whose flow run failed for good: logged, and its images to make
+    recorded failed with `reason` (its kept and refused ones as decided)."""
+    get_run_logger().error(reason)
+    return _record_parts(job, batch, {}, reason)
+
+
 def _part_run_name(job: Job, batch: Sequence[PartRef]) -> str:
     return f"{job.run}-part-{batch[0].label}" + (
         f"-{batch[-1].label}" if len(batch) > 1 else "")
@@ -557,9 +564,8 @@ def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment
             seen = {run.id for run in runs}
             for run_id in [run_id for run_id in ids if run_id not in seen]:
                 batch = pending.pop(run_id)  # deleted: nothing will finish it
-                reason = f"part {_part_run_name(job, batch)}: its flow run was deleted"
-                logger.error(reason)
-                done[batch[0].number] = _record_parts(job, batch, {}, reason)
+                done[batch[0].number] = _part_failed(
+                    job, batch, f"part {_part_run_name(job, batch)}: its flow run was deleted")
                 on_batch()
             for run in runs:
                 if run.state is None or not run.state.is_final():
@@ -577,8 +583,7 @@ def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment
                     reason = (f"part {run.name} failed: "
                               f"{run.state.message or run.state.name}")
                 if reason:
-                    logger.error(reason)
-                    done[batch[0].number] = _record_parts(job, batch, {}, reason)
+                    done[batch[0].number] = _part_failed(job, batch, reason)
                 on_batch()
             waiting = [run for run in runs if run.id in pending and run.state is not None
                        and run.state.is_scheduled()]
@@ -597,7 +602,6 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
     (`pipeline.batches`); with one group it runs in this flow run, with more each group is a child
     flow run, one after the other on this flow's runner, or (`part_deployment`) all at once
     as deployment runs that the pool's workers take. Then one report and one gallery."""
-    logger = get_run_logger()
     images = sum(part.images for part in plan.parts)
     batches = pipeline.batches(plan.parts, part_size)
     deployed = bool(part_deployment) and len(batches) > 1
@@ -641,9 +645,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
             if state.is_completed():
                 summaries = state.result()
             else:
-                reason = f"part {name} failed: {state.message or state.name}"
-                logger.error(reason)
-                summaries = _record_parts(job, batch, {}, reason)
+                summaries = _part_failed(job, batch,
+                                         f"part {name} failed: {state.message or state.name}")
         by_batch[batch[0].number] = summaries
         on_batch()
     done: dict[int, PartSummary] = {}

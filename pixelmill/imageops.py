@@ -6,9 +6,11 @@ nothing here touches storage, Prefect or Ray.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pillow_heif
@@ -61,10 +63,13 @@ BY_NAME_ONLY = frozenset({"PCX", "PPM", "XBM", "XPM", "TGA", "MSP", "SUN", "PIXA
 _SIGNED = frozenset({"JPEG", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "TIFF", "BMP"})
 
 
-def _readable() -> list[str]:
-    """Every format the installed Pillow (with pillow-heif) reads, but NOT_READ."""
+@functools.cache
+def _signature_checks() -> tuple[tuple[str, Callable[[bytes], object]], ...]:
+    """(format, its plugin's check of the first bytes) of every other format the installed
+    Pillow (with pillow-heif) reads: not NOT_READ, not BY_NAME_ONLY. Loaded once."""
     Image.init()
-    return [name for name in Image.OPEN if name not in NOT_READ]
+    return tuple((name, accept) for name, (_, accept) in Image.OPEN.items()
+                 if name not in NOT_READ and name not in BY_NAME_ONLY and accept is not None)
 
 
 def sniff(head: bytes) -> str | None:
@@ -86,14 +91,12 @@ def sniff(head: bytes) -> str | None:
         return "BMP"
     if len(head) < 4:
         return None
-    for name in _readable():  # the other formats' own signatures (JPEG 2000, PSD, ICO, ...)
-        accept = Image.OPEN[name][1]
-        if name not in BY_NAME_ONLY and accept is not None:
-            try:
-                if accept(head):
-                    return name
-            except Exception:  # noqa: BLE001  (a plugin's check on a short head)
-                continue
+    for name, accept in _signature_checks():  # the other formats' (JPEG 2000, PSD, DDS, ...)
+        try:
+            if accept(head):
+                return name
+        except Exception:  # noqa: BLE001  (a plugin's check on a short head)
+            continue
     return None
 
 
@@ -431,5 +434,6 @@ def decode(data: bytes) -> Image.Image:
     except Exception as exc:
         raise ImageError(f"cannot decode {opened.format}: {_reason(exc)}") from None
     image.info["icc_profile"] = opened.image.info.get("icc_profile")
-    image.info["exif"] = kept_exif(opened.image)
+    # our own output's EXIF, as written (only what `keep_metadata` keeps, if anything)
+    image.info["exif"] = opened.image.info.get("exif")
     return image
