@@ -27,7 +27,7 @@ from pixelmill import localray, preflight, server
 from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
 from pixelmill.models import ChunkResult, RunReport
-from pixelmill.spec import PipelineSpec, check_runner, parse_size
+from pixelmill.spec import PRESETS, PipelineSpec, check_runner, parse_size
 from pixelmill.storage import LocalStorage, open_storage
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
@@ -68,16 +68,28 @@ class ApiLost(Fail):
     command leaves at once instead of waiting for Prefect's background senders to give up."""
 
 
-def _spec(size: str, fit: str, filters: list[str] | None, fmt: str, quality: int,
-          upscale: bool = False, keep_metadata: bool = False) -> PipelineSpec:
-    """Validate the pipeline options into a spec; any problem is a UsageError (exit 2)."""
-    parse_size(size)
+def _spec(size: str | list[str] | None, fit: str, filters: list[str] | None,
+          fmt: str | list[str] | None, quality: int, upscale: bool = False,
+          keep_metadata: bool = False, preset: str | None = None) -> PipelineSpec:
+    """Validate the pipeline options into a spec; any problem is a UsageError (exit 2).
+    `--size` and `--format` given replace the preset's; neither: 400x300 JPEG."""
+    sizes = [size] if isinstance(size, str) else list(size or [])
+    formats = [fmt] if isinstance(fmt, str) else list(fmt or [])
+    for text in sizes:
+        parse_size(text)
     names = [canonical_filter(name) for name in (filters or [])]
+    chosen: dict[str, object] = {"preset": preset} if preset else {}
+    if sizes or not preset:
+        chosen["sizes"] = sizes or ["400x300"]
+    if formats or not preset:
+        chosen["formats"] = formats or ["jpeg"]
     try:
-        return PipelineSpec(size=size, fit=fit, filters=names, format=fmt.lower(),
-                            quality=quality, upscale=upscale, keep_metadata=keep_metadata)
+        return PipelineSpec(**chosen, fit=fit, filters=names, quality=quality,
+                            upscale=upscale, keep_metadata=keep_metadata)
     except ValidationError as exc:
         error = exc.errors()[0]
+        if isinstance(error.get("ctx", {}).get("error"), UsageError):  # says it already
+            raise error["ctx"]["error"] from None
         field = ".".join(str(part) for part in error["loc"]) or "option"
         raise UsageError(f"--{field} {error.get('input')!r}: {error['msg']}") from None
 
@@ -436,11 +448,20 @@ FitOpt = Annotated[str, typer.Option("--fit", help="contain | cover | fill")]
 def run(
     source: Annotated[str, typer.Argument(help="folder or gs://bucket/prefix")],
     dest: Annotated[str, typer.Argument(help="folder or gs://bucket/prefix")],
-    size: SizeOpt = "400x300",
+    size: Annotated[Optional[list[str]], typer.Option(
+        "--size", help="WIDTHxHEIGHT in pixels; repeatable: every size is made from one "
+                       "decode, the first in resized/, each other in resized-WxH/ "
+                       "(default 400x300)")] = None,
     fit: FitOpt = "contain",
     filter: Annotated[Optional[list[str]], typer.Option(
-        "--filter", help=f"repeatable: {', '.join(FILTER_NAMES)} (radius as name:R)")] = None,
-    format: Annotated[str, typer.Option("--format", help="jpeg | png | webp | avif")] = "jpeg",
+        "--filter", help=f"repeatable: {', '.join(FILTER_NAMES)} (radius as name:R); "
+                         "applied to the first size in the first format")] = None,
+    format: Annotated[Optional[list[str]], typer.Option(
+        "--format", help="jpeg | png | webp | avif; repeatable: every size in every format "
+                         "(default jpeg)")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help=f"named sizes and formats: {' | '.join(PRESETS)} (README); "
+                         "--size/--format given replace the preset's")] = None,
     quality: Annotated[int, typer.Option("--quality")] = 85,
     upscale: Annotated[bool, typer.Option("--upscale", help="enlarge small images")] = False,
     keep_metadata: Annotated[bool, typer.Option(
@@ -475,7 +496,7 @@ def run(
     Outputs already in the run folder, made from the same source version with the same
     settings, are kept: running the same command again makes only what is missing."""
     def command() -> int:
-        spec = _spec(size, fit, filter, format, quality, upscale, keep_metadata)
+        spec = _spec(size, fit, filter, format, quality, upscale, keep_metadata, preset)
         if dry_run:
             return plan_only(source, dest, spec, runner=runner, ray_address=ray_address,
                              run_name=run_name, chunk_size=chunk_size, verbose=verbose,

@@ -259,7 +259,7 @@ def _document(report: RunReport, title: str, header: str, body: str,
 <title>pixelmill · {_text(report.run)}{title}</title><style>{_STYLE}</style></head>
 <body><header><h1>pixelmill run {_text(report.run)}{title}</h1>
 <div class="muted">{_text(report.source)} → {_text(report.destination)}</div>
-<div>{stats}{spec.size[0]}x{spec.size[1]} {_text(spec.fit)} · {_text(spec.format)} q{spec.quality} ·
+<div>{stats}{_text(spec.sizes_text)} {_text(spec.fit)} · {_text(spec.formats_text)} q{spec.quality} ·
  filters: {_text(", ".join(spec.filters) or "none")}</div>
 {header}</header><main>{body}
 </main></body></html>

@@ -10,7 +10,7 @@ import functools
 import io
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pillow_heif
@@ -18,7 +18,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pixelmill.errors import ImageError
 from pixelmill.filters import apply_filter, filter_folder
-from pixelmill.spec import Fit, OutputFormat, PipelineSpec
+from pixelmill.spec import Fit, OutputFormat, PipelineSpec, Rendition
 
 # Refuse images above this many pixels before decoding a single row: 150 MP covers the
 # largest camera sensors (~100 MP) while a decompression bomb (a small PNG declaring
@@ -383,6 +383,55 @@ def encode(
     return buffer.getvalue()
 
 
+def _full_frame_scale(shown: tuple[int, int], out: tuple[int, int], fit: Fit) -> float:
+    """How much of the source's full frame an output of `out` needs (1.0: all of it)."""
+    if fit == "contain":
+        return min(out[0] / shown[0], out[1] / shown[1]) if out != shown else 1.0
+    return max(out[0] / shown[0], out[1] / shown[1])  # cover crops, fill stretches
+
+
+def resize_to_sizes(
+    image: Image.Image, sizes: list[tuple[int, int]], fit: Fit = "contain",
+    upscale: bool = False,
+) -> dict[tuple[int, int], Image.Image]:
+    """`resize_image` into several sizes from one decode: shrink-on-load (a JPEG) to what the
+    largest output needs, one LANCZOS pass to that full frame, and every output from that
+    frame, never from the source again. {size: image}."""
+    if len(sizes) == 1:
+        return {sizes[0]: resize_image(image, sizes[0], fit, upscale)}
+    orientation = _orientation(image)
+    shown = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size
+    outs = {size: output_size(shown, size, fit, upscale) for size in sizes}
+    scale = min(1.0, max(_full_frame_scale(shown, out, fit) for out in outs.values()))
+    frame = (max(1, round(shown[0] * scale)), max(1, round(shown[1] * scale)))
+    _draft_request(image, frame, orientation)
+    try:
+        upright = to_working_mode(ImageOps.exif_transpose(image))
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"cannot decode {image.format or 'image'}: {_reason(exc)}") from None
+    base = (upright if upright.size == frame else
+            upright.resize(frame, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP))
+    made: dict[tuple[int, int], Image.Image] = {}
+    for size, out in outs.items():
+        box = _cover_box(base.size, out) if fit == "cover" else None
+        made[size] = (base if base.size == out and box is None else
+                      base.resize(out, Image.Resampling.LANCZOS, box=box,
+                                  reducing_gap=REDUCING_GAP))
+    return made
+
+
+@dataclass
+class Encoded:
+    """One rendition of an image, encoded, and its pixel size."""
+
+    rendition: Rendition
+    data: bytes
+    width: int
+    height: int
+
+
 @dataclass
 class Rendered:
     """The encoded resized image, its pixel size, and notes for the report."""
@@ -390,28 +439,37 @@ class Rendered:
     data: bytes
     width: int
     height: int
-    image: Image.Image
     notes: list[str] = field(default_factory=list)
 
 
-def render_resized(data: bytes, spec: PipelineSpec, name: str | None = None) -> Rendered:
-    """Source bytes -> resized, encoded output (the whole resize stage for one image);
-    `name`: the source's key (`open_image`)."""
+def render_renditions(data: bytes, spec: PipelineSpec, renditions: Sequence[Rendition],
+                      name: str | None = None) -> tuple[list[Encoded], list[str]]:
+    """Source bytes -> each of `renditions` (sizes and formats of `spec`), encoded, from one
+    decode (`resize_to_sizes`); and the notes for the report. `name`: the source's key
+    (`open_image`)."""
     opened = open_image(data, name)
     icc = opened.image.info.get("icc_profile")
     exif = kept_exif(opened.image) if spec.keep_metadata else None
     try:
-        resized = resize_image(opened.image, spec.size, spec.fit, spec.upscale)
+        images = resize_to_sizes(opened.image, list(dict.fromkeys(r.size for r in renditions)),
+                                 spec.fit, spec.upscale)
         if opened.image.mode == "CMYK":
             icc = None  # converted to sRGB; the CMYK profile no longer describes the pixels
-        encoded = encode(resized, spec.format, spec.quality, icc, exif)
+        encoded = [Encoded(rendition, encode(images[rendition.size], rendition.format,
+                                             spec.quality, icc, exif),
+                           *images[rendition.size].size)
+                   for rendition in renditions]
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"cannot decode {opened.format}: {_reason(exc)}") from None
-    resized.info["icc_profile"] = icc
-    resized.info["exif"] = exif
-    return Rendered(encoded, resized.width, resized.height, resized, opened.notes)
+    return encoded, opened.notes
+
+
+def render_resized(data: bytes, spec: PipelineSpec, name: str | None = None) -> Rendered:
+    """Source bytes -> the main rendition (first size, first format), encoded."""
+    (main,), notes = render_renditions(data, spec, spec.renditions[:1], name)
+    return Rendered(main.data, main.width, main.height, notes)
 
 
 def render_filters(image: Image.Image, spec: PipelineSpec) -> dict[str, bytes]:

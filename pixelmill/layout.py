@@ -83,6 +83,15 @@ def natural_output(relpath: str, extension: str) -> str:
     return relpath + extension
 
 
+def rendition_output(output: str, extension: str, rendition_extension: str) -> str:
+    """The path of a rendition in another format, inside its folder: `output` (the main
+    format's, ending in `extension`) with that format's extension in its place. Distinct
+    outputs stay distinct: they differ before the extension."""
+    if rendition_extension == extension:
+        return output
+    return output.removesuffix(extension) + rendition_extension
+
+
 def assign_outputs(sources: Iterable[str], extension: str) -> dict[str, str]:
     """Map source keys to output relpaths; sub-paths kept, unsafe segments neutralised.
 

@@ -46,6 +46,17 @@ class Job(Frozen):
 
 
 
+class RenditionResult(Frozen):
+    """One output of an image in a run of several sizes or formats: the size asked for
+    ("400x300"), the format, the pixel size made, and its path in the run folder."""
+
+    size: str
+    format: str
+    width: int
+    height: int
+    output: str
+
+
 class ChunkItem(Frozen):
     """One image of a chunk: its key under the source and its relative output path, and
     the outputs the destination already holds for it (found by discovery, to be kept)."""
@@ -58,6 +69,8 @@ class ChunkItem(Frozen):
     kept_notes: tuple[str, ...] = ()
     # Folders of the kept filter outputs: the filter stage makes only the others.
     kept_filters: tuple[str, ...] = ()
+    # The kept outputs of the other renditions (sizes and formats but the main one).
+    kept_renditions: tuple[RenditionResult, ...] = ()
 
 
 class Chunk(Frozen):
@@ -81,6 +94,8 @@ class ImageResult(Frozen):
     notes: tuple[str, ...] = ()
     # The source's generation or mtime: carried so a later stage's cache key changes with it.
     version: str = ""
+    # In a run of several sizes or formats: every rendition made or kept, the main one first.
+    renditions: tuple[RenditionResult, ...] = ()
 
     def report_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"source": self.source, "status": self.status}
@@ -92,6 +107,8 @@ class ImageResult(Frozen):
             entry["error"] = self.error
         if self.notes:
             entry["notes"] = list(self.notes)
+        if self.renditions:
+            entry["renditions"] = [rendition.model_dump() for rendition in self.renditions]
         return entry
 
 

@@ -14,17 +14,19 @@ from pixelmill import provenance
 from pixelmill.errors import ImageError
 from pixelmill.filters import filter_folder
 from pixelmill.imageops import (
-    SNIFF_BYTES, decode, describe_non_image, format_by_name, render_filters, render_resized,
+    SNIFF_BYTES, decode, describe_non_image, format_by_name, render_filters, render_renditions,
     sniff,
 )
 from pixelmill.layout import (
     MAX_CHUNKS, PART_IMAGES, RAMP_DIVISOR, assign_outputs, cap_chunk_size, choose_chunk_size, in_shard,
-    is_image_candidate, make_chunks, orphan_output, output_group, ramp_chunks,
+    is_image_candidate, make_chunks, orphan_output, output_group, ramp_chunks, rendition_output,
 )
 from pixelmill.models import (
     Chunk, ChunkItem, ChunkResult, ImageResult, Job, PartRef, PartSummary, Plan,
+    RenditionResult,
 )
 from pixelmill.overlap import PREFETCH, Writer, prefetched, threaded_map
+from pixelmill.spec import PipelineSpec, Rendition
 from pixelmill.storage import ObjectInfo, Storage, safe_key
 
 log = logging.getLogger("pixelmill")
@@ -39,8 +41,31 @@ def _inside(child: str, parent: str) -> str | None:
     return child[len(parent):].strip("/") + "/" if child.startswith(parent) else None
 
 
+def _kept_rendition(rendition: Rendition, path: str, meta: Mapping[str, str] | None,
+                    stamp: str) -> RenditionResult | None:
+    """A rendition's output as the run folder holds it, if made with `stamp`."""
+    size = (provenance.read_resized(meta)
+            if meta is not None and meta.get(provenance.MADE) == stamp else None)
+    if size is None:
+        return None
+    return RenditionResult(size=f"{rendition.size[0]}x{rendition.size[1]}",
+                           format=rendition.format, width=size[0], height=size[1],
+                           output=f"{rendition.folder}/{path}")
+
+
+def _main_rendition(spec: PipelineSpec, output: str, width: int, height: int
+                    ) -> tuple[RenditionResult, ...]:
+    """The main output as a rendition, for a run of several (none for a run of one)."""
+    if len(spec.renditions) == 1:
+        return ()
+    main = spec.renditions[0]
+    return (RenditionResult(size=f"{main.size[0]}x{main.size[1]}", format=main.format,
+                            width=width, height=height, output=f"resized/{output}"),)
+
+
 def _held(source: str, output: str, version: str, stamps: provenance.Stamps,
-          held: dict[str, dict[str, Mapping[str, str]]]) -> ChunkItem | ImageResult:
+          held: dict[str, dict[str, Mapping[str, str]]], spec: PipelineSpec
+          ) -> ChunkItem | ImageResult:
     """What the destination holds for one image: a `skipped` result when every output it
     needs is there and was made from this source version with these settings, else the
     image to make with its kept outputs noted. `held`: each output folder's outputs (by
@@ -53,15 +78,26 @@ def _held(source: str, output: str, version: str, stamps: provenance.Stamps,
         folder for folder in stamps.filters
         if (found := held[folder].get(output)) is not None
         and found.get(provenance.MADE) == stamps.filter(folder, source, version))
-    if size is not None and len(kept_filters) == len(stamps.filters):
+    kept_renditions = []
+    for rendition in stamps.renditions:
+        path = rendition_output(output, spec.extension, rendition.extension)
+        kept = _kept_rendition(rendition, path, held[rendition.folder].get(path),
+                               stamps.rendition(rendition, source, version))
+        if kept is not None:
+            kept_renditions.append(kept)
+    if (size is not None and len(kept_filters) == len(stamps.filters)
+            and len(kept_renditions) == len(stamps.renditions)):
         outputs = {"resized": f"resized/{output}"}
         for folder in kept_filters:
             outputs[folder] = f"{folder}/{output}"
         return ImageResult(source=source, status="skipped", width=size[0], height=size[1],
-                           outputs=outputs, notes=size[2], version=version)
+                           outputs=outputs, notes=size[2], version=version,
+                           renditions=(*_main_rendition(spec, output, *size[:2]),
+                                       *kept_renditions))
     return ChunkItem(source=source, output=output, version=version,
                      kept_resized=size[:2] if size else None,
-                     kept_notes=size[2] if size else (), kept_filters=kept_filters)
+                     kept_notes=size[2] if size else (), kept_filters=kept_filters,
+                     kept_renditions=tuple(kept_renditions))
 
 
 # Where a run planned in parts keeps each part's plan and records while it runs.
@@ -234,7 +270,8 @@ class _Held:
     def __init__(self, destination: Storage, job: Job) -> None:
         self.run = job.run
         self.streams = {}
-        for folder in ("resized", *(filter_folder(name) for name in job.spec.filters)):
+        for folder in (*job.spec.rendition_folders,
+                       *(filter_folder(name) for name in job.spec.filters)):
             stream = iter(destination.list(f"{job.run}/{folder}/"))
             self.streams[folder] = [stream, next(stream, None)]
 
@@ -288,13 +325,15 @@ def plan_parts(source: Storage, destination: Storage, job: Job,
             part.rejected = [r for r in part.rejected
                              if in_shard(r.source, job.shard_index, job.shard_count)]
         images.sort(key=lambda pair: pair[0][0].key)
-        held = held_outputs.take(outputs[info.key] for (info, _), orphan in images
-                                 if not orphan)
+        extensions = list(dict.fromkeys(r.extension for r in job.spec.renditions))
+        held = held_outputs.take(
+            rendition_output(outputs[info.key], job.spec.extension, extension)
+            for (info, _), orphan in images if not orphan for extension in extensions)
         for (info, fmt), _ in images:
             output = outputs[info.key]
             part.manifest.append({"source": info.key, "output": output, "format": fmt,
                                   "bytes": info.size, "version": info.version})
-            found = _held(info.key, output, info.version, stamps, held)
+            found = _held(info.key, output, info.version, stamps, held, job.spec)
             if isinstance(found, ImageResult):
                 part.kept.append(found)
             else:
@@ -455,7 +494,8 @@ def from_record(entry: dict[str, Any]) -> ImageResult:
         source=entry["source"], status=entry["status"], width=entry.get("width"),
         height=entry.get("height"), outputs=entry.get("outputs", {}),
         error=entry.get("error"), notes=tuple(entry.get("notes", ())),
-        version=entry.get("version", ""))
+        version=entry.get("version", ""),
+        renditions=tuple(RenditionResult(**r) for r in entry.get("renditions", ())))
 
 
 def write_records(destination: Storage, job: Job, number: int,
@@ -594,23 +634,33 @@ def _kept_outputs(item: ChunkItem) -> dict[str, str]:
 
 def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                   destination: Storage) -> list[ImageResult]:
-    """Resize each image of a chunk (those whose resized output is not kept); a bad image is
-    a failed result, storage errors raise. Each output is written with its stamp.
+    """Make each image's renditions (every size in every format) that the run folder does
+    not hold, all from one decode; a bad image is a failed result, storage errors raise.
+    Each output is written with its stamp.
 
     On storage with round trips (GCS) sources are read ahead and outputs written in the
     background (`overlap`); on a local folder both in line."""
     spec = job.spec
+    main, *others = spec.renditions
     done: dict[str, ImageResult] = {}
+    todo: list[tuple[ChunkItem, list[Rendition]]] = []
     for item in items:
-        if item.kept_resized is not None:
-            done[item.source] = ImageResult(
-                source=item.source, status="ok", width=item.kept_resized[0],
-                height=item.kept_resized[1], notes=item.kept_notes, version=item.version,
-                outputs={"resized": f"resized/{item.output}", **_kept_outputs(item)})
-    todo = [item for item in items if item.kept_resized is None]
+        kept = {(r.size, r.format) for r in item.kept_renditions}
+        wanted = [r for r in others if (f"{r.size[0]}x{r.size[1]}", r.format) not in kept]
+        if item.kept_resized is None:
+            wanted.insert(0, main)
+        if wanted:
+            todo.append((item, wanted))
+            continue
+        done[item.source] = ImageResult(
+            source=item.source, status="ok", width=item.kept_resized[0],
+            height=item.kept_resized[1], notes=item.kept_notes, version=item.version,
+            outputs={"resized": f"resized/{item.output}", **_kept_outputs(item)},
+            renditions=(*_main_rendition(spec, item.output, *item.kept_resized),
+                        *item.kept_renditions))
     with Writer(destination.write, _overlaps(destination)) as writer:
-        for item, data in prefetched(todo, lambda item: source.read(item.source),
-                                     PREFETCH if _overlaps(source) else 0):
+        for (item, wanted), data in prefetched(todo, lambda pair: source.read(pair[0].source),
+                                               PREFETCH if _overlaps(source) else 0):
             try:
                 raw = data.result()  # any other storage error raises: the chunk is retried
             except FileNotFoundError:
@@ -619,7 +669,7 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                     error="vanished from the source after it was listed")
                 continue
             try:
-                rendered = render_resized(raw, spec, item.source)
+                encoded, notes = render_renditions(raw, spec, wanted, item.source)
             except ImageError as exc:
                 done[item.source] = ImageResult(source=item.source, status="failed",
                                                 error=str(exc))
@@ -630,15 +680,29 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                     error=f"cannot decode: {type(exc).__name__}: {exc}")
                 continue
             del raw
-            output = f"resized/{item.output}"
-            stamp = provenance.resized_stamp(item.source, item.version, spec)
-            writer.submit(f"{job.run}/{output}", rendered.data, spec.content_type,
-                          provenance.resized_metadata(stamp, rendered.width, rendered.height,
-                                                      rendered.notes))
+            made = {}
+            for output in encoded:
+                rendition = output.rendition
+                path = (f"{rendition.folder}/"
+                        f"{rendition_output(item.output, spec.extension, rendition.extension)}")
+                writer.submit(f"{job.run}/{path}", output.data, rendition.content_type,
+                              provenance.resized_metadata(
+                                  provenance.resized_stamp(
+                                      item.source, item.version, spec,
+                                      None if rendition == main else rendition),
+                                  output.width, output.height, notes))
+                made[rendition] = RenditionResult(
+                    size=f"{rendition.size[0]}x{rendition.size[1]}", format=rendition.format,
+                    width=output.width, height=output.height, output=path)
+            width, height = ((made[main].width, made[main].height) if main in made
+                             else item.kept_resized)
+            by_label = {(r.size, r.format): r for r in (*made.values(), *item.kept_renditions)}
+            renditions = (*_main_rendition(spec, item.output, width, height),
+                          *(by_label[(f"{r.size[0]}x{r.size[1]}", r.format)] for r in others))
             done[item.source] = ImageResult(
-                source=item.source, status="ok", width=rendered.width, height=rendered.height,
-                outputs={"resized": output, **_kept_outputs(item)}, notes=tuple(rendered.notes),
-                version=item.version)
+                source=item.source, status="ok", width=width, height=height,
+                outputs={"resized": f"resized/{item.output}", **_kept_outputs(item)},
+                notes=tuple(notes), version=item.version, renditions=renditions)
     return [done[item.source] for item in items]
 
 

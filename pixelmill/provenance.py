@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 from pixelmill.filters import filter_folder
-from pixelmill.spec import PipelineSpec
+from pixelmill.spec import PipelineSpec, Rendition
 
 # Bump when a change to the image code makes different pixels for the same source and
 # settings, so that outputs made before are made again.
@@ -26,10 +26,11 @@ WIDTH, HEIGHT, NOTES = "pixelmill-width", "pixelmill-height", "pixelmill-notes"
 
 
 @lru_cache(maxsize=64)
-def _settings(kind: str, spec: PipelineSpec) -> str:
-    """What shapes an output of `kind` ('resized' or a filter's folder), as text."""
-    shape = [RENDER_VERSION, kind, list(spec.size), spec.fit, spec.format, spec.quality,
-             spec.upscale]
+def _settings(kind: str, spec: PipelineSpec, rendition: Rendition | None = None) -> str:
+    """What shapes an output of `kind` ('resized' or a filter's folder), as text: the
+    settings, and the size and format of `rendition` (default: the main one)."""
+    size, fmt = (rendition.size, rendition.format) if rendition else (spec.size, spec.format)
+    shape = [RENDER_VERSION, kind, list(size), spec.fit, fmt, spec.quality, spec.upscale]
     if spec.keep_metadata:  # only then: outputs stamped before the option stay valid
         shape.append("keep-metadata")
     return json.dumps(shape, separators=(",", ":"))
@@ -40,8 +41,10 @@ def _digest(settings: str, source: str, version: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def resized_stamp(source: str, version: str, spec: PipelineSpec) -> str:
-    return _digest(_settings("resized", spec), source, version)
+def resized_stamp(source: str, version: str, spec: PipelineSpec,
+                  rendition: Rendition | None = None) -> str:
+    """The stamp of the main resized output, or of `rendition`'s."""
+    return _digest(_settings("resized", spec, rendition), source, version)
 
 
 def filter_stamp(source: str, version: str, spec: PipelineSpec, name: str) -> str:
@@ -54,12 +57,18 @@ class Stamps:
 
     def __init__(self, spec: PipelineSpec) -> None:
         self._resized = _settings("resized", spec)
+        # the other renditions' settings' text, in the spec's order
+        self.renditions = {rendition: _settings("resized", spec, rendition)
+                           for rendition in spec.renditions[1:]}
         # filter folder -> its settings' text, in the order of the spec's filters
         self.filters = {filter_folder(name): _settings(filter_folder(name), spec)
                         for name in spec.filters}
 
     def resized(self, source: str, version: str) -> str:
         return _digest(self._resized, source, version)
+
+    def rendition(self, rendition: Rendition, source: str, version: str) -> str:
+        return _digest(self.renditions[rendition], source, version)
 
     def filter(self, folder: str, source: str, version: str) -> str:
         return _digest(self.filters[folder], source, version)

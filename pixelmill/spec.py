@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pixelmill.errors import UsageError
 
@@ -60,6 +60,14 @@ def check_runner(runner: str) -> str:
     return runner
 
 
+def check_format(value: object) -> str:
+    text = str(value).lower()
+    text = "jpeg" if text == "jpg" else text
+    if text not in EXTENSIONS:
+        raise UsageError(f"--format {value!r}: choose from {' | '.join(EXTENSIONS)}")
+    return text
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """Parse 'WxH' (e.g. '400x300') into (width, height) in pixels."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
@@ -73,30 +81,133 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _as_size(value: object) -> tuple[int, int]:
+    if isinstance(value, str):
+        return parse_size(value)
+    width, height = value  # type: ignore[misc]
+    return parse_size(f"{int(width)}x{int(height)}")
+
+
+def _listed(value: object) -> list:
+    """One value or several: 'webp' and ['webp'] alike; a size given as [400, 300] is one."""
+    if isinstance(value, (str, bytes)) or (
+            isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(side, int) for side in value)):
+        return [value]
+    return list(value)  # type: ignore[call-overload]
+
+
+# Named sets of renditions (`--preset`); the README's table documents them. `web`: boxes of
+# 480, 960 and 1920 pixels (a landscape photo that wide), each in AVIF, WebP and a JPEG
+# fallback, for a <picture> with a srcset.
+PRESETS: dict[str, dict[str, list]] = {
+    "thumbnails": {"sizes": ["100x100"], "formats": ["jpeg"]},
+    "web": {"sizes": ["480x480", "960x960", "1920x1920"], "formats": ["jpeg", "webp", "avif"]},
+}
+
+
+class Rendition(Frozen):
+    """One output of each image: a size in a format, and the folder it is written to."""
+
+    size: tuple[int, int]
+    format: OutputFormat
+    folder: str  # "resized" for the first size, "resized-<W>x<H>" for each other
+
+    @property
+    def label(self) -> str:
+        return f"{self.size[0]}x{self.size[1]} {self.format}"
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        return (self.size, *self.more_sizes)
+
+    @property
+    def formats(self) -> tuple[OutputFormat, ...]:
+        return (self.format, *self.more_formats)
+
+    @property
+    def renditions(self) -> tuple[Rendition, ...]:
+        """Every size in every format, the main one (first size, first format) first."""
+        return tuple(
+            Rendition(size=size, format=fmt,
+                      folder="resized" if n == 0 else f"resized-{size[0]}x{size[1]}")
+            for n, size in enumerate(self.sizes) for fmt in self.formats)
+
+    @property
+    def sizes_text(self) -> str:
+        return ", ".join(f"{width}x{height}" for width, height in self.sizes)
+
+    @property
+    def formats_text(self) -> str:
+        return " + ".join(self.formats)
+
+    @property
+    def rendition_folders(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(rendition.folder for rendition in self.renditions))
+
+
 class PipelineSpec(Frozen):
-    """The settings of one run; part of report.json and of every chunk's cache key."""
+    """The settings of one run; part of report.json and of every chunk's cache key.
+
+    Every size is written in every format (`renditions`), all from one decode. The first size
+    in the first format is the run's main output: `resized/`, the gallery's picture, and what
+    the filters apply to; each further size has a folder of its own (`resized-<W>x<H>/`), so a
+    run of one size has the layout it always had and a size added later leaves the others
+    where they are. `sizes` / `formats` (lists) or `preset` may be given instead of `size`,
+    `more_sizes`, `format` and `more_formats`."""
 
     size: tuple[int, int] = (400, 300)
+    more_sizes: tuple[tuple[int, int], ...] = ()
     fit: Fit = "contain"
     filters: tuple[str, ...] = ()
     format: OutputFormat = "jpeg"
+    more_formats: tuple[OutputFormat, ...] = ()
     quality: int = Field(85, ge=1, le=100)
     upscale: bool = False
     # Outputs carry no EXIF unless asked; then only capture date, camera and copyright
     # (imageops.KEPT_EXIF), never a GPS position.
     keep_metadata: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lists(cls, data: object) -> object:
+        """`preset`, `sizes` and `formats` into the fields; repeats dropped, order kept."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        preset = data.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise UsageError(f"--preset {preset!r}: choose from {', '.join(PRESETS)}")
+            for name, value in PRESETS[preset].items():
+                data.setdefault(name, value)
+        for one, more, many, parse in (("size", "more_sizes", "sizes", _as_size),
+                                       ("format", "more_formats", "formats", check_format)):
+            values = _listed(data.pop(many)) if many in data else [
+                *([data[one]] if one in data else []), *_listed(data.get(more, ()))]
+            if not values:
+                continue
+            unique = list(dict.fromkeys(parse(value) for value in values))
+            data[one], data[more] = unique[0], tuple(unique[1:])
+        return data
+
     @field_validator("size", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
-        if isinstance(value, str):
-            return parse_size(value)
-        return value
+        return _as_size(value)
 
-    @field_validator("size")
+    @field_validator("more_sizes", mode="before")
     @classmethod
-    def _size_range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        return parse_size(f"{value[0]}x{value[1]}")
+    def _more_sizes(cls, value: object) -> object:
+        return tuple(_as_size(size) for size in _listed(value))
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -115,6 +226,34 @@ class PipelineSpec(Frozen):
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.format]
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        return (self.size, *self.more_sizes)
+
+    @property
+    def formats(self) -> tuple[OutputFormat, ...]:
+        return (self.format, *self.more_formats)
+
+    @property
+    def renditions(self) -> tuple[Rendition, ...]:
+        """Every size in every format, the main one (first size, first format) first."""
+        return tuple(
+            Rendition(size=size, format=fmt,
+                      folder="resized" if n == 0 else f"resized-{size[0]}x{size[1]}")
+            for n, size in enumerate(self.sizes) for fmt in self.formats)
+
+    @property
+    def sizes_text(self) -> str:
+        return ", ".join(f"{width}x{height}" for width, height in self.sizes)
+
+    @property
+    def formats_text(self) -> str:
+        return " + ".join(self.formats)
+
+    @property
+    def rendition_folders(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(rendition.folder for rendition in self.renditions))
 
 
 class StageResources(Frozen):

@@ -53,7 +53,7 @@ def markdown(report: RunReport, gallery_key: str) -> str:
         "",
         f"- source: `{report.source}`",
         f"- destination: `{report.destination}`",
-        f"- settings: {spec.size[0]}x{spec.size[1]} {spec.fit}, {spec.format} q{spec.quality}, "
+        f"- settings: {spec.sizes_text} {spec.fit}, {spec.formats_text} q{spec.quality}, "
         f"filters: {', '.join(spec.filters) or 'none'}",
         f"- chunks: {len(report.chunks)} "
         f"({sum(c.state != 'Completed' for c in report.chunks)} failed)",

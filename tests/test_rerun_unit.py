@@ -330,14 +330,14 @@ def test_a_decoder_error_of_any_kind_fails_that_image_only(tmp_path, monkeypatch
     (tmp_path / "src").mkdir()
     for name in ("a.jpg", "bad.gif", "c.jpg"):
         (tmp_path / "src" / name).write_bytes(jpeg_bytes(photo(16, 12)))
-    real = pipeline.render_resized
+    real = pipeline.render_renditions
 
-    def render(data, spec, name=None):
+    def render(data, spec, renditions, name=None):
         if name == "bad.gif":
             raise SyntaxError("Layer block too short for number of layers requested")
-        return real(data, spec, name)
+        return real(data, spec, renditions, name)
 
-    monkeypatch.setattr(pipeline, "render_resized", render)
+    monkeypatch.setattr(pipeline, "render_renditions", render)
     source, dest = LocalStorage(tmp_path / "src"), LocalStorage(tmp_path / "dst")
     job = Job(source=source.uri, destination=dest.uri, run="r", spec=PipelineSpec(size=(8, 6)))
     made = pipeline.resize_images(tuple(ChunkItem(source=n, output=n)
