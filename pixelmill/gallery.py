@@ -17,7 +17,9 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont
 
 from pixelmill import provenance
-from pixelmill.models import IMAGES_FILE, RECORD_ENCODER, Chunk, ImageResult, Job, RunReport
+from pixelmill.models import (
+    IMAGES_FILE, RECORD_ENCODER, Chunk, ImageResult, Job, RenditionResult, RunReport,
+)
 from pixelmill.overlap import threaded_map
 from pixelmill.pipeline import read_records
 from pixelmill.storage import Storage
@@ -182,6 +184,38 @@ class SheetsAhead:
                             "%s", future.exception())
 
 
+# <picture> sources, the most compact first; the <img> holds the main format.
+_SOURCE_ORDER = ("avif", "webp", "png", "jpeg")
+_TYPES = {"avif": "image/avif", "webp": "image/webp", "png": "image/png", "jpeg": "image/jpeg"}
+# How wide a figure shows: the grid's columns are 220 px or more, a phone's one column.
+_SIZES = "(max-width: 480px) 100vw, 300px"
+
+
+def _srcset(renditions: Sequence[RenditionResult]) -> str:
+    """One candidate per width (two sizes of a small source may come out the same)."""
+    widths = {rendition.width: rendition.output for rendition in reversed(renditions)}
+    return ", ".join(f"{_href(path)} {width}w" for width, path in sorted(widths.items()))
+
+
+def _picture(image: ImageResult) -> str:
+    """The image: the main output, or in a run of several sizes and formats a <picture>
+    whose browser picks the format it reads and the width the page needs."""
+    img = (f' alt="{_text(image.source)}" width="{image.width}" height="{image.height}"'
+           ' loading="lazy" decoding="async">')
+    main = image.outputs["resized"]
+    if not image.renditions:
+        return f'<img src="{_href(main)}"{img}'
+    main_format = image.renditions[0].format
+    by_format: dict[str, list[RenditionResult]] = {}
+    for rendition in image.renditions:
+        by_format.setdefault(rendition.format, []).append(rendition)
+    sources = "".join(
+        f'<source type="{_TYPES[fmt]}" srcset="{_srcset(by_format[fmt])}" sizes="{_SIZES}">'
+        for fmt in _SOURCE_ORDER if fmt in by_format and fmt != main_format)
+    return (f'<picture>{sources}<img src="{_href(main)}" '
+            f'srcset="{_srcset(by_format[main_format])}" sizes="{_SIZES}"{img}</picture>')
+
+
 def _figure(image: ImageResult, number: int) -> str:
     resized = image.outputs["resized"]
     links = " ".join(
@@ -190,13 +224,18 @@ def _figure(image: ImageResult, number: int) -> str:
     )
     if len(image.outputs) > 1:
         links += f' <a class="compare-link" href="#c{number}">side by side</a>'
+    if image.renditions:
+        links += (f' <details class="renditions"><summary>{len(image.renditions)} '
+                  "renditions</summary>" + " ".join(
+                      f'<a href="{_href(r.output)}">{_text(r.size)} {_text(r.format)}</a>'
+                      f' <span class="muted">{r.width}x{r.height}</span>'
+                      for r in image.renditions) + "</details>")
     notes = "".join(f'<p class="note">{_text(note)}</p>' for note in image.notes)
     kept = ('<span class="kept" title="made by an earlier run, verified present">kept</span>'
             if image.status == "skipped" else "")
     return (
         f'<figure id="f{number}" class="{_text(image.status)}"><a href="{_href(resized)}">'
-        f'<img src="{_href(resized)}" alt="{_text(image.source)}"'
-        f' width="{image.width}" height="{image.height}" loading="lazy" decoding="async"></a>'
+        f"{_picture(image)}</a>"
         f"<figcaption><span class=\"name\">{_text(image.source)}</span>"
         f'<span class="links">{links}{kept}</span>{notes}</figcaption></figure>'
     )
@@ -227,6 +266,7 @@ figcaption{margin-top:6px;word-break:break-all}.links a{margin-right:8px;font-si
 .name{display:block}.note{color:#fc6;font-size:12px;margin:4px 0 0}
 table{border-collapse:collapse;width:100%}.nav{margin:8px 0}.pages li{margin:4px 0}td,th{border:1px solid #333;padding:4px 8px;text-align:left}
 .failed{color:#f88}.kept{color:#9c9;font-size:12px}
+.renditions{font-size:12px}.renditions a{margin-right:2px}.renditions span{margin-right:8px}
 .compare{display:none;position:fixed;inset:0;overflow:auto;padding:16px 24px;background:#111}
 .compare:target{display:block}
 .panels{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:12px}
