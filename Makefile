@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEST ?= pixelmill-demo
 
-.PHONY: setup debs demo test bench bench-extra bench-gcs bench-memory bench-rerun bench-scale bench-inputs clean
+.PHONY: setup debs demo test bench bench-extra bench-gcs bench-memory bench-rerun bench-scale bench-inputs bench-renditions clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ bench-rerun: setup
 # listed files and discovery's object reads in the GCS emulator (SCALE_ARGS= changes them)
 bench-scale: setup
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+
+# 3 sizes x 2 formats from one decode against one rendition, on 6 MP camera JPEGs
+bench-renditions: setup
+	$(BIN)/python bench/renditions.py
 
 # pixelmill over Pillow's own test images (fetched from the registry): made, failed, not images
 bench-inputs: setup
