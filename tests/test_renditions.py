@@ -41,6 +41,24 @@ def test_one_size_and_format_is_the_layout_it_always_was():
     assert spec.more_sizes == () and spec.more_formats == ()
 
 
+def test_a_deployment_parameter_of_several_sizes_passes_prefects_schema():
+    """What the README gives for a deployment's `spec`: accepted by the parameter schema
+    Prefect enforces on deployment runs, and read as the sizes and formats meant."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    from flows.process_images import process_images
+
+    spec = {"size": [1600, 1200], "more_sizes": [[400, 300], [100, 100]], "format": "jpeg",
+            "more_formats": ["webp"]}
+    schema = parameter_schema(process_images).model_dump_for_openapi()
+    assert validate({"source": "a", "destination": "b", "spec": spec}, schema,
+                    ignore_required=True) == []
+    parsed = PipelineSpec.model_validate(spec)
+    assert parsed.sizes == ((1600, 1200), (400, 300), (100, 100))
+    assert parsed.formats == ("jpeg", "webp")
+
+
 def test_presets_and_what_replaces_them():
     web = PipelineSpec(preset="web")
     assert web.sizes == ((480, 480), (960, 960), (1920, 1920))
