@@ -430,15 +430,17 @@ class Encoded:
     data: bytes
     width: int
     height: int
+    image: Image.Image  # its pixels, with the ICC profile and EXIF written in `info`
 
 
 @dataclass
 class Rendered:
-    """The encoded resized image, its pixel size, and notes for the report."""
+    """The encoded resized image, its pixel size and pixels, and notes for the report."""
 
     data: bytes
     width: int
     height: int
+    image: Image.Image
     notes: list[str] = field(default_factory=list)
 
 
@@ -457,19 +459,21 @@ def render_renditions(data: bytes, spec: PipelineSpec, renditions: Sequence[Rend
             icc = None  # converted to sRGB; the CMYK profile no longer describes the pixels
         encoded = [Encoded(rendition, encode(images[rendition.size], rendition.format,
                                              spec.quality, icc, exif),
-                           *images[rendition.size].size)
+                           *images[rendition.size].size, images[rendition.size])
                    for rendition in renditions]
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"cannot decode {opened.format}: {_reason(exc)}") from None
+    for image in images.values():
+        image.info["icc_profile"], image.info["exif"] = icc, exif
     return encoded, opened.notes
 
 
 def render_resized(data: bytes, spec: PipelineSpec, name: str | None = None) -> Rendered:
     """Source bytes -> the main rendition (first size, first format), encoded."""
     (main,), notes = render_renditions(data, spec, spec.renditions[:1], name)
-    return Rendered(main.data, main.width, main.height, notes)
+    return Rendered(main.data, main.width, main.height, main.image, notes)
 
 
 def render_filters(image: Image.Image, spec: PipelineSpec) -> dict[str, bytes]:

@@ -191,14 +191,14 @@ def test_png_output_content_matches_pillow_reference(source_bytes, mode, contain
 def test_sixteen_bit_grey_full_range_is_mid_grey():
     rendered = render_resized(encode(gradient16((64, 48), 65535), "png"),
                               PipelineSpec(size=(32, 32), format="png"))
-    assert 120 <= ImageStat.Stat(decode(rendered.data)).mean[0] <= 135
+    assert 120 <= ImageStat.Stat(rendered.image).mean[0] <= 135
 
 
 def test_sixteen_bit_grey_dark_image_stays_dark():
     # 0..255 out of 65535 is < 0.4 % of full scale: must come out (nearly) black.
     rendered = render_resized(encode(gradient16((64, 48), 255), "png"),
                               PipelineSpec(size=(32, 32), format="png"))
-    assert ImageStat.Stat(decode(rendered.data)).mean[0] < 5
+    assert ImageStat.Stat(rendered.image).mean[0] < 5
 
 
 # --- shrink-on-load -----------------------------------------------------------------------
