@@ -21,10 +21,7 @@ import json
 from typing import Any, Iterable
 from uuid import UUID, uuid4
 
-from prefect.context import (
-    AssetContext, EngineContext, SettingsContext, TagsContext, TaskRunContext, _deployment_id,
-    _deployment_parameters,
-)
+from prefect.context import SettingsContext, serialize_context
 from prefect.futures import PrefectFuture
 from prefect.task_engine import run_task_async, run_task_sync
 from prefect.utilities.collections import visit_collection
@@ -32,6 +29,31 @@ from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
+
+
+# What this module copies and changes, as it was when copied: a test compares these with the
+# installed source, so that an upgrade of prefect-ray fails that test (re-read the upstream
+# method, carry its changes over, and record its new digest) instead of silently diverging.
+COPIED = {
+    # copied by `ArgumentsRayTaskRunner.submit` (with `_remote`) and `._run_prefect_task`
+    "prefect_ray.task_runners:RayTaskRunner.submit":
+        "sha256:fd5a1b4f775ef0447026354c55bc1bfb70db43cc99bffd5aecfcfd2c63daca1b",
+    "prefect_ray.task_runners:RayTaskRunner._run_prefect_task":
+        "sha256:f41e4875a2e003f8ce6b4e42f63f347e188743c633751b82aa28305e96407a9a",
+}
+
+
+def source_digest(name: str) -> str:
+    """The digest of the installed source of `name` ("module:Class.method")."""
+    import hashlib
+    import importlib
+    import inspect
+
+    module, _, path = name.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in path.split("."):
+        target = getattr(target, part)
+    return "sha256:" + hashlib.sha256(inspect.getsource(target).encode()).hexdigest()
 
 
 _settings: dict[str, dict[str, Any]] = {}
@@ -157,22 +179,19 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
         return self._remotes[key]
 
     def _serialize_context(self, asset_ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """`prefect.context.serialize_context(asset_ctx_kwargs)`, reusing the serialized
-        settings while the settings context is the same object (it is for a whole run)."""
+        """`prefect.context.serialize_context(asset_ctx_kwargs)`, with the settings
+        serialized once while the settings context is the same object (it is for a whole
+        run): Prefect's function runs with no settings context, and the serialized settings
+        are put in its place."""
         settings = SettingsContext.get()
         if self._settings is None or self._settings[0] is not settings:
             self._settings = (settings, settings.serialize() if settings else {})
-        flow_run_context, task_run_context = EngineContext.get(), TaskRunContext.get()
-        tags_context, deployment_id = TagsContext.get(), _deployment_id.get()
-        return {
-            "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
-            "task_run_context": task_run_context.serialize() if task_run_context else {},
-            "tags_context": tags_context.serialize() if tags_context else {},
-            "settings_context": self._settings[1],
-            "asset_context": AssetContext.from_task_and_inputs(**asset_ctx_kwargs).serialize(),
-            "deployment_id": str(deployment_id) if deployment_id else None,
-            "deployment_parameters": _deployment_parameters.get(),
-        }
+        token = SettingsContext.__var__.set(None)
+        try:
+            context = serialize_context(asset_ctx_kwargs)
+        finally:
+            SettingsContext.__var__.reset(token)
+        return {**context, "settings_context": self._settings[1]}
 
     def __enter__(self):
         import ray

@@ -28,7 +28,8 @@ from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
 from pixelmill.models import ChunkResult, RunReport
 from pixelmill.spec import PRESETS, PipelineSpec, check_runner, parse_size
-from pixelmill.storage import LocalStorage, open_storage
+from pixelmill.localstorage import LocalStorage
+from pixelmill.storages import open_storage
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 

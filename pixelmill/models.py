@@ -7,15 +7,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from pixelmill.spec import PipelineSpec, StageResources
+from pixelmill.spec import Frozen, PipelineSpec, StageResources
 
 Status = Literal["ok", "failed", "skipped"]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Job(Frozen):

@@ -13,9 +13,10 @@ from pathlib import Path
 from pixelmill.errors import UsageError
 from pixelmill.imageops import SNIFF_BYTES, format_by_name, sniff
 from pixelmill.layout import is_image_candidate
-from pixelmill.storage import META_DIR, TEMP_PREFIX, is_gcs, open_storage
+from pixelmill.storage import META_DIR, TEMP_PREFIX, is_gcs
 
 # Objects with neither an image name nor an image content type are sniffed by their first
+from pixelmill.storages import open_storage
 # bytes; past this many the source is given the benefit of the doubt (discovery decides),
 # so a bucket of many extension-less files costs the check a bounded number of reads.
 MAX_SNIFFED = 100

@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from pixelmill.errors import UsageError
-from pixelmill.storage import Storage, open_storage, safe_key
+from pixelmill.storage import Storage, safe_key
+from pixelmill.storages import open_storage
 
 INDEX = "gallery/index.html"
 

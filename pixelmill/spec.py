@@ -29,6 +29,9 @@ CONTENT_TYPES: dict[str, str] = {
 
 
 class Frozen(BaseModel):
+    """The base of pixelmill's models: immutable (they travel between tasks and are cache
+    keys) and strict (a misspelt field is an error, not ignored)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 

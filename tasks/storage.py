@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from pixelmill.models import Job
-from pixelmill.storage import Storage, emulator_host, is_gcs, open_storage
+from pixelmill.storage import Storage, emulator_host, is_gcs
+from pixelmill.storages import open_storage
 
 if emulator_host():  # the Google libraries load only for GCS (0.3 CPU-s in every worker)
     from pixelmill.gcs import anonymous_adc_for_emulator

@@ -13,7 +13,7 @@ from PIL import Image
 from pixelmill.gallery import build_gallery, render_index
 from pixelmill.models import ImageResult, Job, RunReport
 from pixelmill.spec import PipelineSpec
-from pixelmill.storage import LocalStorage
+from pixelmill.localstorage import LocalStorage
 from tests.helpers import decode, encode
 
 RUN = "20261121T2230Z"
@@ -402,7 +402,7 @@ def test_a_page_of_500_images_stays_small(dest):
 def test_files_that_are_not_images_are_counted_by_extension_in_the_report(tmp_path):
     from pixelmill import pipeline, summary
     from pixelmill.samples import jpeg_bytes, photo
-    from pixelmill.storage import LocalStorage
+    from pixelmill.localstorage import LocalStorage
 
     source = tmp_path / "src"
     (source / "docs").mkdir(parents=True)

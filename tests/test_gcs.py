@@ -72,7 +72,7 @@ def test_flow_on_ray_from_one_bucket_to_another(gcs, ray_cluster):
 
 
 def test_listing_pages_through_more_than_1000_objects(gcs):
-    from pixelmill.storage import open_storage
+    from pixelmill.storages import open_storage
 
     bucket = gcs.bucket(gcs.unique("many"))
     names = [f"p/{number:05d}.jpg" for number in range(1050)]
@@ -249,7 +249,7 @@ def test_readme_emulator_trial(tmp_path, prefect_api):
 
 def test_missing_destination_bucket_is_a_clear_error(gcs):
     from pixelmill.errors import StorageAccessError
-    from pixelmill.storage import open_storage
+    from pixelmill.storages import open_storage
 
     storage = open_storage("gs://no-such-bucket-here/out", destination=True)
     with pytest.raises(StorageAccessError, match="gs://no-such-bucket-here: bucket not found"):
@@ -321,7 +321,7 @@ def test_gcs_rerun_keeps_what_the_bucket_holds_and_remakes_exactly_what_it_lost(
 
 def test_a_replace_that_loses_a_race_reads_again_and_does_not_fail(gcs):
     """412 on the generation read: another writer replaced the object in between."""
-    from pixelmill.storage import open_storage
+    from pixelmill.storages import open_storage
 
     bucket = gcs.bucket(gcs.unique("race"))
     storage = open_storage(f"gs://{bucket.name}", destination=True)
@@ -345,7 +345,7 @@ def test_a_replace_that_loses_a_race_reads_again_and_does_not_fail(gcs):
 
 def test_run_folder_lock_on_gcs_admits_one_of_many_racers(gcs):
     from pixelmill.runlock import Holder, RunFolderBusy, RunLock
-    from pixelmill.storage import open_storage
+    from pixelmill.storages import open_storage
 
     bucket = gcs.bucket(gcs.unique("lock"))
 

@@ -127,7 +127,7 @@ def test_a_paged_gallery_in_a_real_browser(hostile_run):
     from pixelmill.gallery import build_gallery
     from pixelmill.models import ImageResult, Job, RunReport
     from pixelmill.spec import PipelineSpec
-    from pixelmill.storage import LocalStorage
+    from pixelmill.localstorage import LocalStorage
 
     dest = hostile_run["dest"]
     original = (dest / "h/report.json").read_bytes()

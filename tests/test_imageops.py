@@ -408,7 +408,7 @@ def test_heic_is_read_oriented_with_its_profile_like_a_jpeg():
 def test_a_heic_named_jpg_is_recognised_by_its_bytes(tmp_path):
     from pixelmill import pipeline
     from pixelmill.models import ChunkItem, Job
-    from pixelmill.storage import LocalStorage
+    from pixelmill.localstorage import LocalStorage
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src/phone.jpg").write_bytes(_heic())
@@ -451,7 +451,7 @@ def test_discovery_takes_every_readable_format_and_leaves_lookalikes_alone(tmp_p
     a git index and a text file are left alone as not images."""
     from pixelmill import pipeline
     from pixelmill.models import Job
-    from pixelmill.storage import LocalStorage
+    from pixelmill.localstorage import LocalStorage
 
     source = tmp_path / "src"
     source.mkdir()
@@ -671,7 +671,7 @@ def test_no_output_of_any_format_carries_the_source_gps_position(tmp_path, sourc
                                                                    keep):
     from pixelmill import pipeline
     from pixelmill.models import ChunkItem, ChunkResult, Job
-    from pixelmill.storage import LocalStorage
+    from pixelmill.localstorage import LocalStorage
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src/p.img").write_bytes(_with_gps(source_format))

@@ -10,16 +10,18 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pixelmill import storage as storage_module
+from pixelmill import localstorage as storage_module
 from pixelmill.errors import UsageError
 from pixelmill.layout import (
     MAX_CHUNKS, assign_outputs, check_run_name, choose_chunk_size, make_chunks, natural_output,
     ramp_chunks, run_stamp,
 )
 from pixelmill.models import ChunkItem
-from pixelmill.storage import TEMP_PREFIX, LocalStorage, open_storage, safe_key
+from pixelmill.storage import TEMP_PREFIX, safe_key
 
 # --- run names ----------------------------------------------------------------------------
+from pixelmill.localstorage import LocalStorage
+from pixelmill.storages import open_storage
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pixelmill import pipeline
 from pixelmill.layout import assign_outputs, output_group
 from pixelmill.models import Job
 from pixelmill.spec import PipelineSpec
-from pixelmill.storage import LocalStorage
+from pixelmill.localstorage import LocalStorage
 from tests.helpers import encode
 
 JPEG = encode(Image.new("RGB", (8, 6), (200, 30, 30)), "jpeg")

@@ -8,7 +8,9 @@ import pytest
 
 from flows.process_images import make_task_runner
 from flows.ray_runner import KEPT_OR_TEMPORARY
-from flows.ray_runner import ArgumentsRayTaskRunner, _with_validated_settings
+from flows.ray_runner import (
+    COPIED, ArgumentsRayTaskRunner, _with_validated_settings, source_digest,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +46,38 @@ def test_a_dependent_task_gets_its_upstream_result_on_ray(ray_cluster):
         return [future.result() for future in [double.submit(first) for first in firsts]]
 
     assert chain() == [0, 4, 8, 12]
+
+
+@pytest.mark.parametrize("name", sorted(COPIED))
+def test_what_the_runner_copies_from_prefect_ray_is_unchanged_upstream(name):
+    """The installed prefect-ray's methods that ArgumentsRayTaskRunner copies are the ones it
+    was written against; after an upgrade, re-read them, carry their changes over, and
+    record the new digest in COPIED."""
+    assert source_digest(name) == COPIED[name], (
+        f"{name} changed upstream: compare it with flows/ray_runner.py's copy, then update "
+        "COPIED")
+
+
+def test_the_context_is_prefects_with_the_settings_serialized_once(prefect_api):
+    """What a task receives is what Prefect's own `serialize_context` gives (deployment id
+    and parameters included), with the settings serialized once per runner."""
+    from prefect import flow
+    from prefect.context import SettingsContext, serialize_context
+
+    runner = ArgumentsRayTaskRunner()
+
+    @flow
+    def compare() -> tuple[dict, dict, dict]:
+        first = runner._serialize_context({})
+        return serialize_context({}), first, runner._serialize_context({})
+
+    expected, first, again = compare()
+    assert first.keys() == expected.keys()
+    assert {k: v for k, v in first.items() if k != "flow_run_context"} == {
+        k: v for k, v in expected.items() if k != "flow_run_context"}
+    assert first["flow_run_context"]["flow_run"] == expected["flow_run_context"]["flow_run"]
+    assert again["settings_context"] is first["settings_context"]  # serialized once
+    assert SettingsContext.get() is not None  # and the context is as it was
 
 
 def test_settings_are_validated_once_per_distinct_serialization(prefect_api):

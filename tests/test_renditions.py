@@ -15,8 +15,8 @@ from pixelmill import imageops, pipeline
 from pixelmill.models import Job
 from pixelmill.samples import jpeg_bytes, photo
 from pixelmill.spec import PRESETS, PipelineSpec
-from pixelmill.storage import LocalStorage
-from tests.helpers import assert_image_similar, decode, load_report
+from pixelmill.localstorage import LocalStorage
+from tests.helpers import assert_image_similar, load_report
 
 GPS_IFD = 0x8825
 

@@ -16,7 +16,8 @@ from pixelmill.errors import UsageError
 from pixelmill.models import ImageResult, Job
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec
-from pixelmill.storage import _HOST, META_DIR, TEMP_PREFIX, LocalStorage
+from pixelmill.storage import META_DIR, TEMP_PREFIX
+from pixelmill.localstorage import _HOST, LocalStorage
 from tests.helpers import encode
 
 RUN = "r"
@@ -288,7 +289,7 @@ def test_two_processes_racing_for_one_folder_one_wins(tmp_path):
     script = f"""
 import sys, time
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
-from pixelmill.storage import LocalStorage
+from pixelmill.localstorage import LocalStorage
 time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
 try:
     lock = RunLock(LocalStorage({str(tmp_path)!r}), "r/l.json", Holder(flow_run=sys.argv[2]),

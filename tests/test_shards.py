@@ -10,7 +10,7 @@ from pixelmill.layout import check_shard, in_shard
 from pixelmill.models import Job
 from pixelmill.pipeline import discover
 from pixelmill.spec import PipelineSpec
-from pixelmill.storage import LocalStorage
+from pixelmill.localstorage import LocalStorage
 from tests.corpus import BAD, GOOD, make_source
 from tests.helpers import load_report
 
