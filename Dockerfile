@@ -17,11 +17,13 @@ COPY pyproject.toml constraints.txt deployments/requirements.py ./
 RUN python requirements.py pyproject.toml > requirements.txt \
     && pip install -r requirements.txt -c constraints.txt
 
-# Then the code (flows/tasks/pixelmill are importable by Ray workers in the image).
+# Then the code (flows/tasks/pixelmill are importable by Ray workers in the image; cli is the
+# pixelmill command).
 COPY README.md ./
 COPY pixelmill ./pixelmill
 COPY tasks ./tasks
 COPY flows ./flows
+COPY cli ./cli
 COPY deployments ./deployments
 COPY prefect.yaml ./
 RUN pip install --no-deps . -c constraints.txt

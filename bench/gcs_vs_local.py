@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import make_corpus, run_cli, write_results  # noqa: E402
-from pixelmill import server  # noqa: E402
-from pixelmill.emulator import Emulator  # noqa: E402
+from cli import server  # noqa: E402
+from cli.emulator import Emulator  # noqa: E402
 
 
 def main() -> None:

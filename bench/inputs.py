@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PIXELMILL, write_results  # noqa: E402
-from pixelmill import server  # noqa: E402
+from cli import server  # noqa: E402
 
 TIMEOUT_S = 600
 

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
-from pixelmill import server  # noqa: E402
+from cli import server  # noqa: E402
 
 
 def run(source: Path, dest: Path, runner: str) -> dict:

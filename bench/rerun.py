@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
-from pixelmill import localray, server  # noqa: E402
+from cli import localray, server  # noqa: E402
 
 GOAL = 0.10
 

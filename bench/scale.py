@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
-from pixelmill import server  # noqa: E402
+from cli import server  # noqa: E402
 
 SIZE = (64, 64)
 CEILING_SAMPLE = 10_000
@@ -124,7 +124,7 @@ def bench_dry(listed: int) -> dict:
 
 def bench_reads(objects: int) -> dict:
     from pixelmill import pipeline
-    from pixelmill.emulator import Emulator
+    from cli.emulator import Emulator
     from pixelmill.gcs import GcsStorage, default_client
     from pixelmill.models import Job
     from pixelmill.samples import jpeg_bytes, photo

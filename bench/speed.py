@@ -183,7 +183,7 @@ def main() -> None:
                          f"pixelmill-corpus-{args.images}-{args.size}-q{args.quality}",
                          args.images, width, height, args.quality)
     files = sorted(corpus.rglob("*.jpg"))
-    from pixelmill import localray, server
+    from cli import localray, server
 
     server.ensure_api()  # a running server and Ray, as a user who runs pixelmill twice has
     if "pm-ray" in args.rows.split(","):

@@ -678,21 +678,18 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
 
 
 if __name__ == "__main__":
-    # python -m flows.process_images [SOURCE] [DEST]: defaults to the demo's sample photos.
+    # python -m flows.process_images [SOURCE] [DEST]: defaults to the demo's sample photos, on
+    # the Prefect API of this shell (`eval "$(pixelmill server start)"` points it at
+    # pixelmill's kept server).
     import sys
     from pathlib import Path
 
     from pixelmill.samples import write_demo_set
-    from pixelmill.server import ensure_api
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    api_url, _ = ensure_api()  # Prefect read its settings at import: point it at the server
     # absolute: Ray's workers do not run in this shell's folder
     source = Path(sys.argv[1] if len(sys.argv) > 1 else "pixelmill-demo/samples").absolute()
     dest = Path(sys.argv[2] if len(sys.argv) > 2 else "pixelmill-demo/runs").absolute()
     if len(sys.argv) <= 1 and not source.is_dir():
         write_demo_set(source)
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        process_images(str(source), str(dest),
-                       spec=PipelineSpec(filters=("blur", "sharpen", "contour", "emboss")))
+    process_images(str(source), str(dest),
+                   spec=PipelineSpec(filters=("blur", "sharpen", "contour", "emboss")))

@@ -121,12 +121,12 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
 
         if self.address != KEPT_OR_TEMPORARY or ray.is_initialized():
             return  # an address given, or this process is connected already
-        from pixelmill import localray
+        from flows import kept_ray
 
-        kept = localray.join_running()
+        kept = kept_ray.join_running()
         if kept is not None:
             self.address = kept.address
-            self.init_kwargs = {"runtime_env": {"env_vars": localray.job_env()},
+            self.init_kwargs = {"runtime_env": {"env_vars": kept_ray.job_env()},
                                 **self.init_kwargs}
             self.logger.info("Using pixelmill's local Ray at %s (kept between runs)",
                              kept.address)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pixelmill import server
+from cli import server
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pixelmill-tests-"))
 _PORT = server.free_port()
@@ -38,7 +38,7 @@ def no_local_ray_left_behind() -> Iterator[None]:
     """A `--runner ray` command in a test starts pixelmill's long-lived Ray under the session
     home unless the test stops it; stop it with the session either way."""
     yield
-    from pixelmill import localray
+    from cli import localray
 
     localray.stop(_SESSION_HOME)
 
@@ -81,7 +81,7 @@ def ray_cluster(prefect_api: str) -> Iterator[dict[str, float]]:
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator:
     """A real fake-gcs-server (from its PyPI wheel) behind the session's fault proxy."""
-    from pixelmill.emulator import Emulator
+    from cli.emulator import Emulator
     from tests.faultproxy import FaultProxy
 
     with Emulator() as emulator:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pixelmill import server
+from cli import server
 from tests.test_cli import PIXELMILL
 from tests.test_crashes import make_photos
 

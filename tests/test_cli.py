@@ -245,7 +245,7 @@ def test_a_server_pixelmill_did_not_start_is_named_as_such(tmp_path, prefect_api
 def test_server_start_exports_the_api_url_of_pixelmills_own_server(prefect_api):
     """`eval "$(pixelmill server start)"` sets PREFECT_API_URL, whatever port the server has;
     with that URL set, pixelmill knows the server as its own."""
-    from pixelmill import server
+    from cli import server
 
     home = Path(os.environ["PIXELMILL_HOME"]) / "server"  # where the session server is recorded
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}

@@ -127,7 +127,7 @@ def ray_start_cluster(prefect_api, gcs_server, tmp_path_factory):
     single-machine mode, which keeps to 127.0.0.1, refuses a second node)."""
     from ray.util import get_node_ip_address
 
-    from pixelmill.server import free_port, start_detached, stop_pid
+    from cli.server import free_port, start_detached, stop_pid
 
     base = tmp_path_factory.mktemp("raystart")
     token = base / "token"

@@ -95,7 +95,7 @@ def test_replaying_the_dockerfile_gives_working_entrypoints(tmp_path):
     for args in (["prefect", "flow-run", "execute", "--help"],
                  ["python", "-c", "from prefect.flows import load_flow_from_entrypoint as load;"
                   "print(load('flows.process_images:process_images').name)"],
-                 ["python", "-c", "import pixelmill.cli, tasks, flows.process_images, "
+                 ["python", "-c", "import cli.main, tasks, flows.process_images, "
                   "deployments.setup, pixelmill.gcs; print('imports ok')"]):
         result = subprocess.run(entrypoint + args, env=env, capture_output=True, text=True,
                                 cwd=app, timeout=300)  # WORKDIR /app

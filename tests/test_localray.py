@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pixelmill import localray
-from pixelmill.server import alive
+from cli import localray
+from cli.server import alive
 from tests.conftest import ROOT
 from tests.helpers import load_report
 
@@ -22,7 +22,7 @@ PIXELMILL = str(ROOT / ".venv/bin/pixelmill")
 
 PROBE = """
 import os, ray
-from pixelmill import localray
+from cli import localray
 info, started = localray.ensure()
 ray.init(address=info.address, log_to_driver=False, runtime_env={"env_vars": localray.job_env()})
 seen = ray.get(ray.remote(lambda: os.environ.get("PIXELMILL_PROBE")).remote())

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pixelmill.server import free_port
+from cli.server import free_port
 from tests.helpers import load_report
 from tests.test_cli import PIXELMILL
 

@@ -74,7 +74,7 @@ def test_presets_and_what_replaces_them():
 def test_the_command_line_repeats_size_and_format_and_names_a_bad_one(tmp_path):
     from typer.testing import CliRunner
 
-    from pixelmill.cli import _spec, app
+    from cli.main import _spec, app
 
     spec = _spec(["100x100", "400x300"], "contain", None, ["avif", "jpeg"], 80)
     assert spec.sizes == ((100, 100), (400, 300)) and spec.formats == ("avif", "jpeg")

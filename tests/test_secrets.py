@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pixelmill.server import free_port
+from cli.server import free_port
 from tests.test_gcs import upload_corpus
 
 pytestmark = pytest.mark.slow

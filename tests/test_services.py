@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pixelmill import localray, server
+from cli import localray, server
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

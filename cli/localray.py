@@ -20,19 +20,21 @@ The cluster is reused only from the same Python (the same venv); otherwise it is
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from pixelmill.server import (free_port, group_members, home, locked, mentions, runs,
+from flows.kept_ray import (  # noqa: F401  (the finding side, shared)
+    JOB_ENV_PREFIXES, SINGLE_MACHINE_ENV, RayInfo, _answers, _auth_env, _marker, _recorded,
+    _state_file, _use, join_env, join_running, job_env, running,
+)
+from cli.server import (free_port, group_members, home, locked, mentions, runs,
                               start_detached, stop_pid, venv_tool, write_state)
 
 START_TIMEOUT_S = 120.0
@@ -42,19 +44,9 @@ PREFERRED_PORT = 6390
 STOP_GRACE_S = 5.0
 READY_LINE = "Ray runtime started"
 LOCK_FILE = "ray.lock"
-# Variables a run's workers must see as the submitting command has them (and nothing else:
-# the rest of the environment is the same machine and user either way).
-JOB_ENV_PREFIXES = ("PREFECT_", "PIXELMILL_", "GOOGLE_", "STORAGE_EMULATOR_HOST",
-                    "CLOUD_RUN_", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY",
-                    "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 # Token authentication (Ray's default for local clusters since 2.59), with pixelmill's own
 # token file: `ray start` does not create one, and ~/.ray is the user's.
 TOKEN_FILE = "ray-auth-token"
-# Ray's single-machine mode (its default on macOS and Windows). Otherwise Ray 2.60 replaces
-# --node-ip-address 127.0.0.1 with the machine's external address and then binds its GCS,
-# raylet, agents and client server on every interface. Drivers need it too: without it they
-# turn 127.0.0.1:PORT into EXTERNAL_IP:PORT, where nothing listens.
-SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Ray puts its unix sockets at TEMP/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
 # (and raylet); such a path may have 103 bytes at most on macOS, 107 on Linux.
 SOCKET_PATH_MAX = 103
@@ -66,65 +58,6 @@ PRIVATE_DIR = "ray"
 RAY_TEMP_DIR = "tmp"
 SHORT_TEMP_ROOT = Path("/tmp")
 SHORT_TEMP_PREFIX = "pixelmill-ray-"
-
-
-@dataclass
-class RayInfo:
-    address: str  # 127.0.0.1:PORT, the GCS address drivers connect to
-    pid: int  # `ray start --block`, leader of the cluster's process group
-    log: str
-    python: str  # the interpreter the cluster's workers run
-    token: str = ""  # the token file drivers authenticate with
-    temp_dir: str = ""  # the cluster's session files (sockets, logs), removed when it stops
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-
-def _state_file(base: Path) -> Path:
-    return base / "ray.json"
-
-
-def _recorded(base: Path | None) -> RayInfo | None:
-    try:
-        return RayInfo(**json.loads(_state_file(base or home()).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _answers(address: str, timeout: float = 2.0) -> bool:
-    host, port = address.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _marker(port: int) -> str:
-    """What the command line of pixelmill's `ray start` on `port` contains."""
-    return f"start --head --block --port {port}"
-
-
-def running(base: Path | None = None) -> RayInfo | None:
-    """The Ray cluster pixelmill started earlier, if it is still up and answering."""
-    info = _recorded(base)
-    if info and runs(info.pid, _marker(info.port)) and _answers(info.address):
-        return info
-    return None
-
-
-def job_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The variables a run passes to its workers (see JOB_ENV_PREFIXES)."""
-    environ = os.environ if environ is None else environ
-    return {key: value for key, value in environ.items() if key.startswith(JOB_ENV_PREFIXES)}
-
-
-def join_env(info: RayInfo) -> dict[str, str]:
-    """What another program sets to join this cluster on purpose (a plain `ray.init()` then
-    connects to it): its address, its token, and Ray's single-machine mode."""
-    return {"RAY_ADDRESS": info.address, **_auth_env(info.token), **SINGLE_MACHINE_ENV}
 
 
 def temp_dir(base: Path) -> Path:
@@ -240,16 +173,6 @@ def ensure(base: Path | None = None) -> tuple[RayInfo, bool]:
     return info, started
 
 
-def join_running(base: Path | None = None) -> RayInfo | None:
-    """pixelmill's local Ray if it is up and runs this Python's code, with this process set
-    up to connect to it; None otherwise (nothing is started)."""
-    info = running(base)
-    if info is None or info.python != sys.executable or not info.token or not info.temp_dir:
-        return None
-    _use(info)
-    return info
-
-
 def _token(base: Path) -> Path:
     """pixelmill's token file (256 random bits, readable by this user only), written the
     first time."""
@@ -260,19 +183,3 @@ def _token(base: Path) -> Path:
     return token
 
 
-def _auth_env(token: str | Path) -> dict[str, str]:
-    """The variables that make Ray use token authentication with the token in `token`."""
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-
-
-def _use(info: RayInfo) -> None:
-    """Drivers of this process connect to the cluster: its token and single-machine mode. Ray
-    reads both once, at import: if it is imported already, refresh them (the token as Ray's
-    own token set-up does)."""
-    os.environ.update(_auth_env(info.token), **SINGLE_MACHINE_ENV)
-    if "ray._private.ray_constants" in sys.modules:
-        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
-    if "ray._raylet" in sys.modules:
-        from ray._raylet import Config
-
-        Config.initialize("")

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pixelmill.home import _proc, alive, command_line, home, mentions, runs  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 # Seconds to wait for a fresh server to answer; it takes 8-10 s on 2 busy cores.
@@ -59,13 +61,6 @@ class ServerInfo:
     @property
     def port(self) -> int:
         return urlsplit(self.url).port or 0
-
-
-def home() -> Path:
-    """pixelmill's own folder: PIXELMILL_HOME or ~/.pixelmill, as an absolute path (the
-    services it starts run in it and get paths inside it)."""
-    folder = os.environ.get("PIXELMILL_HOME") or Path.home() / ".pixelmill"
-    return Path(folder).expanduser().absolute()
 
 
 def _state_file(base: Path) -> Path:
@@ -114,52 +109,6 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
             return reply.status == 200
     except OSError:
         return False
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
-def _proc() -> Path | None:
-    """/proc where it describes processes (Linux), else None."""
-    proc = Path("/proc")
-    return proc if (proc / "self/stat").exists() else None
-
-
-def command_line(pid: int) -> str:
-    """The command line of `pid`, its arguments joined by spaces; "" when it is gone or a
-    zombie. A recorded pid is only ours while it still runs the command we started."""
-    proc = _proc()
-    if proc is None:
-        result = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
-                                text=True, check=False)
-        return result.stdout.strip()
-    try:
-        return (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def runs(pid: int, marker: str) -> bool:
-    """True when `pid` is alive and its command line contains `marker`."""
-    return marker in command_line(pid)
-
-
-def mentions(pid: int, text: str) -> bool:
-    """True when the command line or the environment of `pid` contains `text` (Linux)."""
-    proc = _proc()
-    if proc is None:
-        return False
-    try:
-        raw = b"".join((proc / str(pid) / name).read_bytes() for name in ("cmdline", "environ"))
-    except OSError:
-        return False
-    return text.encode() in raw
 
 
 def group_members(pgid: int) -> list[int]:

@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pixelmill.server import free_port, stop_pid
+from cli.server import free_port, stop_pid
 
 START_TIMEOUT_S = 30.0
 

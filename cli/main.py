@@ -23,7 +23,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pixelmill import localray, preflight, server
+from pixelmill import preflight
+
+from cli import localray, server
 from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
 from pixelmill.models import ChunkResult, RunReport
@@ -622,7 +624,7 @@ def gallery(
     """Serve a run's gallery on 127.0.0.1 and print its address (Ctrl-C stops it)."""
     import signal
 
-    from pixelmill.serve import make_server, open_run
+    from cli.serve import make_server, open_run
 
     def command() -> int:
         storage, page = open_run(run)
@@ -654,7 +656,7 @@ def gcs_emulator(
     """Run a local GCS emulator (fake-gcs-server) in the foreground, for trying gs:// paths."""
     import signal
 
-    from pixelmill.emulator import Emulator, export_line
+    from cli.emulator import Emulator, export_line
 
     def command() -> int:
         with Emulator(port) as emulator:
