@@ -283,43 +283,45 @@ def process_images(
 ) -> RunReport:
     """Resize and filter every image under `source` into `destination`/<run>/ with a gallery.
 
-    Outputs already in the run folder, made from the same source version with the same
-    settings, are kept; only what is missing or out of date is made.
-    `shard_index` / `shard_count` (default: Cloud Run's CLOUD_RUN_TASK_INDEX / _COUNT) make
-    this run one of several disjoint shards that together cover every image once.
-    `shared_filesystem`: local paths are seen by every node of a multi-node Ray cluster.
-    `part_size`: a run of more images is planned in parts of about this many, each part with
-    images to make run as a child flow run.
-    `part_deployment`: a deployment of `process_part` ("process-images-part/parts" in
-    prefect.yaml): the parts are then started as its flow runs, all at once, for the workers
-    of its pool to take in parallel (they must reach the source and destination).
+    Outputs in the run folder made from the same source version and settings are kept.
+    `shard_index` / `shard_count` (default: Cloud Run's task index and count): one of several
+    disjoint shards. `shared_filesystem`: every node of a Ray cluster sees local paths.
+    `part_size`: a bigger run goes in parts of about this many images, each a child flow run,
+    or a flow run of `part_deployment` ("process-images-part/parts") on its pool's workers.
     """
-    started = time.monotonic()
-    started_at = datetime.now(timezone.utc).isoformat()
+    started, started_at = time.monotonic(), datetime.now(timezone.utc).isoformat()
     shard_index, shard_count = _shard(shard_index, shard_count)
-    run = check_run_name(run_name) if run_name else _default_run_name(shard_count)
-    job = Job(source=source, destination=destination, run=run, spec=spec,
+    job = Job(source=source, destination=destination, spec=spec,
+              run=check_run_name(run_name) if run_name else _default_run_name(shard_count),
               gcp_credentials_block=gcp_credentials_block, shard_index=shard_index,
               shard_count=shard_count)
-    resize_task, filter_task = _persisting(result_storage)
     stages = {"resize": resize_resources, "filter": filter_resources}
     _choose_runner(None, stages)  # Ray now if a stage needs GPUs: its nodes are checked
     nodes = _nodes()
     try:
-        _check_resources(stages, nodes)
-        _check_paths(job, nodes, shared_filesystem)
-        check_destination(destination)  # a file, unwritable, no bucket: refused, not retried
-        if part_deployment:
-            _check_part_deployment(part_deployment)
-        job, lock = _lock_run_folder(job, named=bool(run_name))
+        job, lock = _admitted(job, stages, nodes, shared_filesystem, part_deployment,
+                              named=bool(run_name))
     except UsageError as exc:  # a refusal, not a crash: one line in the state, no traceback
         return Failed(message=str(exc), data=exc)
     try:
-        return _process(job, chunk_size, resize_task, filter_task, resize_resources,
+        return _process(job, chunk_size, *_persisting(result_storage), resize_resources,
                         filter_resources, nodes, started, started_at, result_storage,
                         part_size, part_deployment)
     finally:
         lock.release()
+
+
+def _admitted(job: Job, stages: dict[str, StageResources], nodes: list[dict[str, float]],
+              shared_filesystem: bool, part_deployment: str | None, named: bool
+              ) -> tuple[Job, RunLock]:
+    """Check what would make the run wait forever or fail late (UsageError), then hold its
+    run folder (`_lock_run_folder`)."""
+    _check_resources(stages, nodes)
+    _check_paths(job, nodes, shared_filesystem)
+    check_destination(job.destination)  # a file, unwritable, no bucket: refused, not retried
+    if part_deployment:
+        _check_part_deployment(part_deployment)
+    return _lock_run_folder(job, named)
 
 
 def _run_chunks(job: Job, chunks: Sequence[Chunk], resize_task, filter_task,
@@ -327,9 +329,14 @@ def _run_chunks(job: Job, chunks: Sequence[Chunk], resize_task, filter_task,
                 cpus: int, started: float, on_chunk: Callable[[int, list[ImageResult]], None]
                 = lambda number, images: None, part: int | None = None,
                 ) -> tuple[list[ImageResult], list[ChunkSummary]]:
-    """Every chunk through its stages on the flow's runner (in order, `_in_order`); returns
-    each image's result and each chunk's summary (by index). `on_chunk` hears each chunk's
-    images as it finishes."""
+    """Every chunk through its stages on the flow's runner: the scheduling of a run.
+
+    Guarantees: chunks start in order, a few ahead of the runner's cores (`_in_order`); a
+    chunk's filter task starts as soon as its resize task ends, with that task's state as
+    its upstream (Prefect records the lineage); every image of every chunk comes back once,
+    made, kept or failed with a reason (a chunk that fails for good fails its images, never
+    the others); `on_chunk` hears each chunk's images as it finishes. Returns the images'
+    results and each chunk's summary, by index."""
     resize_job = job.without_filters()  # the resize stage does not depend on the filters
 
     def submit_resize(chunk):
@@ -536,62 +543,67 @@ def _parts_as_deployment_runs(job: Job, batches: list[list[PartRef]], deployment
     """Each group of parts as a flow run of `deployment` (`process_part`), all started at
     once so that the pool's workers take them in parallel (as many at a time as the pool and
     its workers allow); returns each group's summaries (read from the run folder) by its
-    first part, a group whose flow run failed for good recorded as failed."""
+    first part, a group whose flow run failed for good, or was deleted, recorded as failed."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.deployments import run_deployment
 
-    logger = get_run_logger()
-    destination = destination_storage(job)
-    pending: dict = {}
-    for batch in batches:
-        run = run_deployment(deployment, timeout=0, flow_run_name=_part_run_name(job, batch),
-                             parameters={**parameters, "job": job.model_dump(mode="json"),
-                                         "parts": [part.model_dump(mode="json")
-                                                   for part in batch]})
-        pending[run.id] = batch
-    logger.info("%d groups of parts started as flow runs of deployment %s", len(batches),
-                deployment)
+    pending = _start_part_runs(job, batches, deployment, parameters)
     done: dict[int, list[PartSummary]] = {}
     noted = time.monotonic()
     with get_client(sync_client=True) as client:
         while pending:
             time.sleep(PART_POLL_S)
             ids = list(pending)
-            runs = [run for start in range(0, len(ids), PAGE)  # the API's page size
+            runs = {run.id: run for start in range(0, len(ids), PAGE)  # the API's page size
                     for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                        id=FlowRunFilterId(any_=ids[start:start + PAGE])), limit=PAGE)]
-            seen = {run.id for run in runs}
-            for run_id in [run_id for run_id in ids if run_id not in seen]:
-                batch = pending.pop(run_id)  # deleted: nothing will finish it
-                done[batch[0].number] = _part_failed(
-                    job, batch, f"part {_part_run_name(job, batch)}: its flow run was deleted")
-                on_batch()
-            for run in runs:
-                if run.state is None or not run.state.is_final():
-                    continue
-                batch = pending.pop(run.id)
-                reason = None
-                if run.state.is_completed():
-                    try:
-                        done[batch[0].number] = [
-                            pipeline.read_summary(destination, job, part.number)
-                            for part in batch]
-                    except (FileNotFoundError, ValueError) as exc:  # other errors raise
-                        reason = f"part {run.name} finished but left no summary: {exc}"
-                else:
-                    reason = (f"part {run.name} failed: "
-                              f"{run.state.message or run.state.name}")
-                if reason:
-                    done[batch[0].number] = _part_failed(job, batch, reason)
-                on_batch()
-            waiting = [run for run in runs if run.id in pending and run.state is not None
-                       and run.state.is_scheduled()]
+                        id=FlowRunFilterId(any_=ids[start:start + PAGE])), limit=PAGE)}
+            for run_id in ids:
+                run = runs.get(run_id)
+                if run is None or (run.state is not None and run.state.is_final()):
+                    batch = pending.pop(run_id)
+                    done[batch[0].number] = _part_run_result(job, batch, run)
+                    on_batch()
+            waiting = [run for run in runs.values() if run.id in pending
+                       and run.state is not None and run.state.is_scheduled()]
             if waiting and time.monotonic() - noted > WAITING_NOTE_S:
                 noted = time.monotonic()
-                logger.warning("%d part flow runs of deployment %s still wait for a worker "
-                               "of its work pool", len(waiting), deployment)
+                get_run_logger().warning("%d part flow runs of deployment %s still wait for "
+                                         "a worker of its work pool", len(waiting), deployment)
     return done
+
+
+def _start_part_runs(job: Job, batches: list[list[PartRef]], deployment: str,
+                     parameters: dict) -> dict:
+    """Start a flow run of `deployment` for each group of parts, without waiting; returns
+    the groups by flow run id."""
+    from prefect.deployments import run_deployment
+
+    pending = {}
+    for batch in batches:
+        run = run_deployment(deployment, timeout=0, flow_run_name=_part_run_name(job, batch),
+                             parameters={**parameters, "job": job.model_dump(mode="json"),
+                                         "parts": [part.model_dump(mode="json")
+                                                   for part in batch]})
+        pending[run.id] = batch
+    get_run_logger().info("%d groups of parts started as flow runs of deployment %s",
+                          len(batches), deployment)
+    return pending
+
+
+def _part_run_result(job: Job, batch: Sequence[PartRef], run) -> list[PartSummary]:
+    """The summaries of a group of parts whose flow run ended (`run`; None: deleted): read
+    from the run folder, or its images recorded failed with the reason."""
+    if run is None:  # deleted: nothing will finish it
+        return _part_failed(job, batch,
+                            f"part {_part_run_name(job, batch)}: its flow run was deleted")
+    if not run.state.is_completed():
+        return _part_failed(job, batch,
+                            f"part {run.name} failed: {run.state.message or run.state.name}")
+    destination = destination_storage(job)
+    try:
+        return [pipeline.read_summary(destination, job, part.number) for part in batch]
+    except (FileNotFoundError, ValueError) as exc:  # other errors raise
+        return _part_failed(job, batch, f"part {run.name} finished but left no summary: {exc}")
 
 
 def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
@@ -599,9 +611,8 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
                    cpus: int, started: float, started_at: str, result_storage: str | None,
                    part_size: int, part_deployment: str | None = None):
     """A run planned in parts. Their images to make go in groups of up to `part_size`
-    (`pipeline.batches`); with one group it runs in this flow run, with more each group is a child
-    flow run, one after the other on this flow's runner, or (`part_deployment`) all at once
-    as deployment runs that the pool's workers take. Then one report and one gallery."""
+    (`pipeline.batches`), made by `_make_batches`; then one report and one gallery of every
+    part's records."""
     images = sum(part.images for part in plan.parts)
     batches = pipeline.batches(plan.parts, part_size)
     deployed = bool(part_deployment) and len(batches) > 1
@@ -610,11 +621,10 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
               _choose_runner(images, {"resize": resize_resources, "filter": filter_resources}))
     progress.planned(sum(pipeline.part_chunks(pipeline.merged(batch), chunk_size, cpus)
                          for batch in batches), images, sum(part.rejected for part in plan.parts),
-        sum(part.kept for part in plan.parts))
+                     sum(part.kept for part in plan.parts))
     progress_artifact = create_progress_artifact(
         0.0, key=_artifact_key("progress", job),
         description=f"share of the {len(batches)} parts done ({images} images to make)")
-    part_flow = process_part.with_options(task_runner=SharedTaskRunner(_task_runner()))
     finished = 0
 
     def on_batch() -> None:
@@ -622,59 +632,82 @@ def _process_parts(job: Job, plan: Plan, chunk_size: int | None,
         finished += 1
         update_progress_artifact(progress_artifact, 100.0 * finished / len(batches))
 
+    by_batch = _make_batches(job, batches, part_deployment if deployed else None, on_batch,
+                             chunk_size=chunk_size, resize_resources=resize_resources,
+                             filter_resources=filter_resources, cores=cpus,
+                             result_storage=result_storage, since=started)
+    if not batches:
+        update_progress_artifact(progress_artifact, 100.0)
+    ordered = _part_summaries(job, plan, batches, by_batch)
+    report = _parts_report(job, plan, ordered, started, started_at, runner)
+    records = [part_summary.records for part_summary in ordered]
+    index = build_gallery_of_parts(job, report, records)
+    pipeline.remove_parts(destination_storage(job), job, plan.parts, records,
+                          summaries=deployed)
+    failed_parts = sum(part_summary.state != "Completed" for part_summary in ordered)
+    return _finish(job, report, index, [c for s in ordered for c in s.chunks], failed_parts)
+
+
+def _make_batches(job: Job, batches: list[list[PartRef]], deployment: str | None,
+                  on_batch: Callable[[], None], **options) -> dict[int, list[PartSummary]]:
+    """Each group of parts made, its parts' summaries by its first part: one group in this
+    flow run; more, each a child flow run, one after the other on this flow's runner, or
+    (`deployment`) all at once as flow runs of that deployment, which the pool's workers take.
+    `options`: `process_part`'s."""
     by_batch: dict[int, list[PartSummary]] = {}
-    if deployed:
-        by_batch = _parts_as_deployment_runs(
-            job, batches, part_deployment,
-            {"chunk_size": chunk_size, "resize_resources": resize_resources.model_dump(),
-             "filter_resources": filter_resources.model_dump(),
-             "result_storage": result_storage,
-             "since_epoch": time.time() - (time.monotonic() - started)}, on_batch)
+    if deployment:
+        by_batch = _parts_as_deployment_runs(job, batches, deployment, {
+            "chunk_size": options["chunk_size"],
+            "resize_resources": options["resize_resources"].model_dump(),
+            "filter_resources": options["filter_resources"].model_dump(),
+            "result_storage": options["result_storage"],
+            "since_epoch": time.time() - (time.monotonic() - options["since"])}, on_batch)
+    part_flow = process_part.with_options(task_runner=SharedTaskRunner(_task_runner()))
     for batch in batches:
         if batch[0].number in by_batch:
             continue
         if len(batches) == 1:
-            summaries = _make_parts(job, batch, chunk_size, resize_resources, filter_resources,
-                                    cpus, result_storage, started)
+            by_batch[batch[0].number] = _make_parts(
+                job, batch, options["chunk_size"], options["resize_resources"],
+                options["filter_resources"], options["cores"], options["result_storage"],
+                options["since"])
         else:
             name = _part_run_name(job, batch)
             state = part_flow.with_options(flow_run_name=name)(
-                job=job, parts=batch, chunk_size=chunk_size, resize_resources=resize_resources,
-                filter_resources=filter_resources, cores=cpus, result_storage=result_storage,
-                since=started, return_state=True)
-            if state.is_completed():
-                summaries = state.result()
-            else:
-                summaries = _part_failed(job, batch,
-                                         f"part {name} failed: {state.message or state.name}")
-        by_batch[batch[0].number] = summaries
+                job=job, parts=batch, return_state=True, **options)
+            by_batch[batch[0].number] = (state.result() if state.is_completed() else
+                                         _part_failed(job, batch, f"part {name} failed: "
+                                                      f"{state.message or state.name}"))
         on_batch()
+    return by_batch
+
+
+def _part_summaries(job: Job, plan: Plan, batches: list[list[PartRef]],
+                    by_batch: dict[int, list[PartSummary]]) -> list[PartSummary]:
+    """Every part's summary in order, the first MAX_REPORT_FAILURES failures of the run kept
+    (a part with nothing to make: its records as decided)."""
     done: dict[int, PartSummary] = {}
     kept_failures = 0
     for batch in batches:
-        for made_summary in by_batch[batch[0].number]:  # the report keeps the first failures
+        for made_summary in by_batch[batch[0].number]:
             budget = max(0, MAX_REPORT_FAILURES - kept_failures)
             kept_failures += min(budget, len(made_summary.failures))
             done[made_summary.number] = made_summary.model_copy(
                 update={"failures": made_summary.failures[:budget]})
-    if not batches:
-        update_progress_artifact(progress_artifact, 100.0)
-    ordered = [done.get(part.number) or _record_parts(job, [part], {})[0]
-               for part in plan.parts]  # a part with nothing to make: its records as decided
+    return [done.get(part.number) or _record_parts(job, [part], {})[0] for part in plan.parts]
+
+
+def _parts_report(job: Job, plan: Plan, ordered: Sequence[PartSummary], started: float,
+                  started_at: str, runner: RunnerChoice) -> RunReport:
+    """One report of the parts' summaries."""
     counts = sum((part_summary.counts for part_summary in ordered), Counts()).model_copy(
         update={"discovered": plan.discovered})
     failures = [image for part_summary in ordered
                 for image in part_summary.failures][:MAX_REPORT_FAILURES]
     chunks = [chunk for part_summary in ordered for chunk in part_summary.chunks]
-    report = RunReport.build(job, plan.discovered, failures, time.monotonic() - started, chunks,
-                             started_at, runner, counts=counts, parts=len(plan.parts),
-                             not_images=plan.not_images)
-    index = build_gallery_of_parts(job, report, [s.records for s in ordered])
-    pipeline.remove_parts(destination_storage(job), job, plan.parts,
-                          [s.records for s in ordered],
-                          summaries=deployed)
-    failed_parts = sum(s.state != "Completed" for s in ordered)
-    return _finish(job, report, index, chunks, failed_parts)
+    return RunReport.build(job, plan.discovered, failures, time.monotonic() - started, chunks,
+                           started_at, runner, counts=counts, parts=len(plan.parts),
+                           not_images=plan.not_images)
 
 
 if __name__ == "__main__":
