@@ -33,6 +33,7 @@ from pixelmill.models import (
     PartSummary, Plan, RunnerChoice, RunReport,
 )
 from pixelmill.preflight import check_destination
+from pixelmill.retries import PART_RETRIES
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from pixelmill.storage import is_gcs
@@ -223,8 +224,6 @@ def _default_run_name(shard_count: int) -> str:
     return run_stamp(flow_run.scheduled_start_time)
 
 
-# A part's child flow run is tried once more if it fails (its chunks' own retries apart).
-PART_RETRIES = 1
 # Suffixes tried when the default (minute-stamped) run folder is in use by another run.
 MAX_RUN_SUFFIX = 9
 

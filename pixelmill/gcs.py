@@ -19,18 +19,17 @@ from google.cloud import storage
 from google.cloud.storage.retry import _should_retry
 
 from pixelmill.errors import StorageAccessError
+from pixelmill.retries import (
+    REQUEST_BACKOFF_MAX_S, REQUEST_BACKOFF_S, REQUEST_DEADLINE_S, REQUEST_TIMEOUT_S,
+)
 from pixelmill.storage import ObjectInfo, emulator_host, safe_key, split_uri  # noqa: F401
 
 log = logging.getLogger("pixelmill.gcs")
 
-# Transient errors (429, 5xx, dropped connections) are retried with exponential backoff
-# (0.5 s doubling to at most 16 s) and full jitter (google-api-core's Retry), for at most
-# 60 s per call; the chunk task's own retries come on top of that.
-RETRY_INITIAL_S = 0.5
-RETRY_MAXIMUM_S = 16.0
-RETRY_DEADLINE_S = 60.0
-# Per-request (connect, read) timeout: a stalled connection is a transient error, not a hang.
-REQUEST_TIMEOUT_S = (10.0, 60.0)
+# Transient errors are retried here, as pixelmill/retries.py says.
+RETRY_INITIAL_S = REQUEST_BACKOFF_S
+RETRY_MAXIMUM_S = REQUEST_BACKOFF_MAX_S
+RETRY_DEADLINE_S = REQUEST_DEADLINE_S
 # Objects listed per request; the client pages through larger listings by itself.
 LIST_PAGE_SIZE = 1000
 EMULATOR_PROJECT = "pixelmill-emulator"

@@ -12,14 +12,13 @@ from prefect.tasks import exponential_backoff
 from pixelmill import gallery, pipeline
 from pixelmill.layout import PART_IMAGES
 from pixelmill.models import Chunk, ChunkResult, ImageResult, Job, Plan, RunReport
+from pixelmill.retries import CHUNK_RETRIES, CHUNK_RETRY_BACKOFF_S, CHUNK_RETRY_JITTER
 from tasks.storage import destination_storage, source_storage
 
-# Storage I/O can fail transiently (throttling, a dropped connection): retry the chunk
-# with exponential backoff (2, 4, 8 s) and +-50 % jitter so retries of many chunks spread out.
-# Chunks are idempotent (same output names, atomic writes), so a retry is always safe.
-STORAGE_RETRIES = 3
-RETRY_DELAYS = exponential_backoff(backoff_factor=2)
-RETRY_JITTER = 0.5
+# A chunk that fails is retried whole, as pixelmill/retries.py says.
+STORAGE_RETRIES = CHUNK_RETRIES
+RETRY_DELAYS = exponential_backoff(backoff_factor=CHUNK_RETRY_BACKOFF_S)
+RETRY_JITTER = CHUNK_RETRY_JITTER
 
 
 def _worth_retrying(task, task_run, state) -> bool:
