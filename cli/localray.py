@@ -1,8 +1,8 @@
 """The local Ray that pixelmill keeps running between commands, like its Prefect server.
 
-Starting Ray inside every command cost 4-5 s before the flow could start and 2-3 s of
-shutdown after it on 2 cores; connecting to a running one costs about 0.7 s and leaving it
-0.3 s (bench/speed.py). So `pixelmill run` with `--runner ray` and no Ray address starts
+Starting Ray inside every command costs seconds before the flow can start and after it ends;
+connecting to a running one is a fraction of that (docs/decisions.md, "A local Ray kept
+between commands"). So `pixelmill run` with `--runner ray` and no Ray address starts
 `ray start --head --block` once, in its own process group, writes it down in
 PIXELMILL_HOME/ray.json, and later commands connect to it. `pixelmill server stop` ends it.
 

@@ -164,9 +164,9 @@ def _outcome(chunk_images: int, future: PrefectFuture, resized: PrefectFuture | 
     return images, summary, None
 
 
-# Unfinished resize tasks per CPU. With 2 per CPU Ray still ran queued tasks in an order of
-# its own (chunk 000 last of 8); with 1, chunks go strictly in order, the first one finishes
-# ~2 s sooner, and the run takes as long (bench A/B, 3 runs each: 19.7 s against 19.6 s).
+# Unfinished resize tasks per CPU. With more, Ray runs queued tasks in an order of its own
+# (the first chunk can finish last); with 1, chunks go strictly in order and the first one
+# finishes sooner, at no cost to the whole run (docs/decisions.md, "Chunks in order").
 AHEAD_PER_CPU = 1
 
 

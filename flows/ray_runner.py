@@ -1,14 +1,14 @@
-"""prefect-ray's RayTaskRunner with four measured fixes for runs of many chunk tasks.
+"""prefect-ray's RayTaskRunner with four fixes for runs of many chunk tasks (their figures:
+docs/decisions.md, "The Ray runner's fixes to prefect-ray").
 
 1. Upstream results come from Ray's resolved arguments. prefect-ray passes a task's upstream
    ObjectRefs twice: as top-level arguments (so Ray starts the task only when they are ready,
    and hands it their values) and nested in `parameters`, which the worker then resolves with
    `ray.get`. That `ray.get` tells the raylet the worker is blocked; the raylet lends its CPU
-   to a new worker process, which must import Prefect first (3-5 CPU-seconds here), and the
-   surplus workers are killed a second after they go idle: six workers for two CPUs on 600
-   images. The nested refs are swapped for the values Ray passed in, in the same order.
-2. Prefect's settings are validated once per worker process instead of once per task run
-   (~110 ms of worker CPU per task run).
+   to a new worker process, which must import Prefect first, and the surplus workers are
+   killed soon after they go idle. The nested refs are swapped for the values Ray passed in,
+   in the same order.
+2. Prefect's settings are validated once per worker process instead of once per task run.
 3. The flow side serializes the settings once per flow run instead of once per submission.
 4. Workers are started and warmed (Prefect and the tasks imported) when the runner connects,
    while the flow run is set up, instead of when the first chunk arrives.
@@ -64,9 +64,9 @@ def _with_validated_settings(context: dict[str, Any]) -> dict[str, Any]:
     once per worker process for each distinct serialization.
 
     Prefect re-validates the whole settings tree from the dict for every task run: pydantic-
-    settings re-reads the environment, dotenv and profile files for each of ~50 nested models,
-    about 110 ms of a worker's CPU per task run (measured with cProfile on a no-op task).
-    A validated object is passed through unchanged, so the task sees the same settings."""
+    settings re-reads the environment, dotenv and profile files for each of its nested
+    models. A validated object is passed through unchanged, so the task sees the same
+    settings."""
     serialized = context.get("settings_context")
     if not serialized:
         return context
@@ -83,7 +83,7 @@ def _with_validated_settings(context: dict[str, Any]) -> dict[str, Any]:
 
 def _warm_up() -> None:
     """Import what every chunk task needs, in a worker that has not run one yet."""
-    import tasks  # noqa: F401  (Prefect, pixelmill, Pillow: ~1.5 CPU-seconds per worker)
+    import tasks  # noqa: F401  (Prefect, pixelmill, Pillow)
 
 
 def _warm_workers() -> None:
@@ -152,8 +152,7 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
                wait_for: Iterable[PrefectFuture[Any]] | None = None,
                dependencies=None) -> PrefectRayFuture:
         """prefect-ray's submit, with the settings serialized once per flow run instead of
-        for every task (~40 ms of the flow's CPU per submission, measured with cProfile),
-        and one Ray remote function per set of remote options."""
+        for every task, and one Ray remote function per set of remote options."""
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
         task_run_id = uuid4()

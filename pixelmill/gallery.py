@@ -31,12 +31,12 @@ SHEET_COLUMNS = 6
 SHEET_ROWS = 8
 TILE = (200, 150)
 LABEL_HEIGHT = 20
-# Sheets are built in the flow's process from the resized outputs; beyond this many tiles
-# (10 sheets) the page itself is the better overview and the driver stays fast and small.
-# A gallery of more images than this is an index page and pages of this many images each:
-# one page of 20,000 images was 5.9 MB of HTML, a page of 500 is about 0.2 MB.
+# A gallery of more images than this is an index page and pages of this many images each,
+# so that no page is too big for a browser to open quickly.
 PAGE_SIZE = 500
 PER_SHEET = SHEET_COLUMNS * SHEET_ROWS
+# Sheets are built in the flow's process from the resized outputs; beyond this many tiles
+# (10 sheets) the pages are the better overview and the driver stays fast and small.
 MAX_SHEET_TILES = PER_SHEET * 10
 # Bump when sheets are drawn differently, so that sheets kept from earlier runs are redrawn.
 SHEET_VERSION = 1

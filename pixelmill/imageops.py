@@ -296,7 +296,8 @@ def resize_image(
     """Resize a PIL image (EXIF orientation applied first) with LANCZOS into `size` by `fit`.
 
     For a JPEG not yet loaded, decoding happens at the smallest DCT scale that is still at
-    least the output size (shrink-on-load), which is 4x faster and visually identical.
+    least the output size (shrink-on-load): a fraction of the pixels is decoded, and the
+    output looks the same.
     """
     orientation = _orientation(image)
     shown = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size

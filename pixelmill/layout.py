@@ -35,11 +35,11 @@ IMAGE_EXTENSIONS = CANDIDATE_EXTENSIONS | {
 MAX_CHUNKS = 150
 # Images a part of a run's plan holds: the driver holds one part of the listing at a time.
 PART_IMAGES = 20_000
-# Images per chunk from measured costs (bench/speed.py, 2 cores). A chunk is one or two task
-# runs, each costing Prefect ~0.1 s, so a chunk should hold ~1.6 s of work: 80 camera JPEGs
-# (6 MP: resize ~16 ms and filter ~7.5 ms each). The work of an image is estimated from its
-# listed size: a fixed part (reading, writing, the filter at the output size) and a part that
-# grows with the bytes to decode; a 320x240 thumbnail-sized source is ~4 ms, so ~430 a chunk.
+# Images per chunk, from costs measured with bench/speed.py (docs/decisions.md, "Chunk
+# sizes from the listed bytes"). A chunk is one or two task runs, and Prefect's cost per task run must stay small
+# next to the chunk's work: TARGET_CHUNK_S of work a chunk. The work of an image is estimated
+# from its listed size: a fixed part (reading, writing, the filter at the output size) and a
+# part that grows with the bytes to decode.
 TARGET_CHUNK = 80
 TARGET_CHUNK_S = 1.6
 PER_IMAGE_S = 0.003

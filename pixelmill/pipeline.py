@@ -581,7 +581,7 @@ def discover(source: Storage, destination: Storage, job: Job, chunk_size: int | 
             "chunk_size": size,
             "chunks": len(chunks),
         }
-        if write_manifest:  # compact: the C encoder, 20x faster
+        if write_manifest:  # compact separators: json's C encoder (indenting is pure Python)
             destination.write(job.run_file("manifest.json"),
                               json.dumps(manifest, separators=(",", ":")).encode(),
                               "application/json")

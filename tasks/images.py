@@ -57,8 +57,8 @@ class EachTaskRun(CachePolicy):
 def ray_placement() -> tuple[dict[str, float], str]:
     """The resources Ray assigned to the task running now and the id of its node ({} and ""
     outside a Ray worker)."""
-    # A Ray worker has loaded Ray; elsewhere loading it would cost ~0.5 s of a chunk ('ray'
-    # alone in sys.modules can be prefect-ray's lazy stub, which loads it when touched).
+    # A Ray worker has loaded Ray; elsewhere, loading it only to ask would slow the chunk
+    # ('ray' alone in sys.modules can be prefect-ray's lazy stub, which loads it when touched).
     if "ray._raylet" not in sys.modules:
         return {}, ""
     import ray
