@@ -41,7 +41,7 @@ def test_dockerfile_rules():
     copies = [args for word, args in steps if word == "COPY"]
     runs = [index for index, (word, args) in enumerate(steps) if word == "RUN" and "pip install -r" in args]
     first_code = min(index for index, (word, args) in enumerate(steps)
-                     if word == "COPY" and re.search(r"\b(pixelmill|tasks|flows)\b", args))
+                     if word == "COPY" and re.search(r"\b(pixelmill|tasks|flows|cli)\b", args))
     assert runs and runs[0] < first_code, "dependencies must be installed before the code is copied"
     assert "constraints.txt" in " ".join(copies) and "-c constraints.txt" in steps[runs[0]][1]
     users = [args for word, args in steps if word == "USER"]
