@@ -48,7 +48,7 @@ def _kept_rendition(rendition: Rendition, path: str, meta: Mapping[str, str] | N
             if meta is not None and meta.get(provenance.MADE) == stamp else None)
     if size is None:
         return None
-    return RenditionResult(size=f"{rendition.size[0]}x{rendition.size[1]}",
+    return RenditionResult(size=rendition.size_text,
                            format=rendition.format, width=size[0], height=size[1],
                            output=f"{rendition.folder}/{path}")
 
@@ -59,7 +59,7 @@ def _main_rendition(spec: PipelineSpec, output: str, width: int, height: int
     if len(spec.renditions) == 1:
         return ()
     main = spec.renditions[0]
-    return (RenditionResult(size=f"{main.size[0]}x{main.size[1]}", format=main.format,
+    return (RenditionResult(size=main.size_text, format=main.format,
                             width=width, height=height, output=f"resized/{output}"),)
 
 
@@ -646,7 +646,7 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
     todo: list[tuple[ChunkItem, list[Rendition]]] = []
     for item in items:
         kept = {(r.size, r.format) for r in item.kept_renditions}
-        wanted = [r for r in others if (f"{r.size[0]}x{r.size[1]}", r.format) not in kept]
+        wanted = [r for r in others if (r.size_text, r.format) not in kept]
         if item.kept_resized is None:
             wanted.insert(0, main)
         if wanted:
@@ -692,13 +692,13 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                                       None if rendition == main else rendition),
                                   output.width, output.height, notes))
                 made[rendition] = RenditionResult(
-                    size=f"{rendition.size[0]}x{rendition.size[1]}", format=rendition.format,
+                    size=rendition.size_text, format=rendition.format,
                     width=output.width, height=output.height, output=path)
             width, height = ((made[main].width, made[main].height) if main in made
                              else item.kept_resized)
             by_label = {(r.size, r.format): r for r in (*made.values(), *item.kept_renditions)}
             renditions = (*_main_rendition(spec, item.output, width, height),
-                          *(by_label[(f"{r.size[0]}x{r.size[1]}", r.format)] for r in others))
+                          *(by_label[(r.size_text, r.format)] for r in others))
             done[item.source] = ImageResult(
                 source=item.source, status="ok", width=width, height=height,
                 outputs={"resized": f"resized/{item.output}", **_kept_outputs(item)},

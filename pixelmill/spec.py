@@ -117,8 +117,9 @@ class Rendition(Frozen):
     folder: str  # "resized" for the first size, "resized-<W>x<H>" for each other
 
     @property
-    def label(self) -> str:
-        return f"{self.size[0]}x{self.size[1]} {self.format}"
+    def size_text(self) -> str:
+        """The size as written on the command line and in the records: "400x300"."""
+        return f"{self.size[0]}x{self.size[1]}"
 
     @property
     def extension(self) -> str:
@@ -127,34 +128,6 @@ class Rendition(Frozen):
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.format]
-
-    @property
-    def sizes(self) -> tuple[tuple[int, int], ...]:
-        return (self.size, *self.more_sizes)
-
-    @property
-    def formats(self) -> tuple[OutputFormat, ...]:
-        return (self.format, *self.more_formats)
-
-    @property
-    def renditions(self) -> tuple[Rendition, ...]:
-        """Every size in every format, the main one (first size, first format) first."""
-        return tuple(
-            Rendition(size=size, format=fmt,
-                      folder="resized" if n == 0 else f"resized-{size[0]}x{size[1]}")
-            for n, size in enumerate(self.sizes) for fmt in self.formats)
-
-    @property
-    def sizes_text(self) -> str:
-        return ", ".join(f"{width}x{height}" for width, height in self.sizes)
-
-    @property
-    def formats_text(self) -> str:
-        return " + ".join(self.formats)
-
-    @property
-    def rendition_folders(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(rendition.folder for rendition in self.renditions))
 
 
 class PipelineSpec(Frozen):
