@@ -183,7 +183,7 @@ def _rendered(listener) -> str:
 
 
 def test_progress_counts_each_image_once_and_red_only_for_failures(monkeypatch):
-    from pixelmill import cli
+    from cli import main as cli
     from pixelmill.models import ChunkResult, ImageResult
 
     listener = cli.RichProgress()
