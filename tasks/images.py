@@ -12,7 +12,9 @@ from prefect.tasks import exponential_backoff
 from pixelmill import gallery, pipeline
 from pixelmill.layout import PART_IMAGES
 from pixelmill.models import Chunk, ChunkResult, ImageResult, Job, Plan, RunReport
-from pixelmill.retries import CHUNK_RETRIES, CHUNK_RETRY_BACKOFF_S, CHUNK_RETRY_JITTER
+from pixelmill.retries import (
+    CHUNK_RETRIES, CHUNK_RETRY_BACKOFF_S, CHUNK_RETRY_JITTER, chunk_worth_retrying,
+)
 from tasks.storage import destination_storage, source_storage
 
 # A chunk that fails is retried whole, as pixelmill/retries.py says.
@@ -22,13 +24,11 @@ RETRY_JITTER = CHUNK_RETRY_JITTER
 
 
 def _worth_retrying(task, task_run, state) -> bool:
-    """Retry transient failures; a permission or missing-bucket error fails at once."""
+    """A failed chunk task is retried as pixelmill/retries.py says."""
     try:
         state.result()
-    except PermissionError:  # includes pixelmill's StorageAccessError
-        return False
-    except Exception:
-        return True
+    except Exception as exc:  # noqa: BLE001
+        return chunk_worth_retrying(exc)
     return True
 
 

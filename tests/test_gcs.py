@@ -367,3 +367,28 @@ def test_run_folder_lock_on_gcs_admits_one_of_many_racers(gcs):
         lock.release()
     assert said == ["held"] + ["refused"] * 5
     assert not bucket.get_blob("out/r/.pixelmill-lock.json")
+
+
+def test_a_request_retried_to_its_deadline_is_not_retried_again_by_the_chunk(gcs, monkeypatch):
+    """GCS gone for longer than a request's retries last: the read gives up once, and the
+    chunk task is not retried on top of it (one layer retries each kind of failure)."""
+    from pixelmill import gcs as gcs_module
+    from pixelmill.retries import chunk_worth_retrying
+    from pixelmill.storages import open_storage
+
+    bucket = gcs.bucket(gcs.unique("gone"))
+    bucket.blob("a.jpg").upload_from_string(b"\xff\xd8\xff")
+    storage = open_storage(f"gs://{bucket.name}")
+    monkeypatch.setattr(gcs_module, "RETRY", gcs_module.RETRY.with_timeout(1.0))
+    gcs.every = 1  # every request fails
+    try:
+        with pytest.raises(Exception) as raised:
+            storage.read("a.jpg")
+    finally:
+        gcs.every = 0
+    assert gcs.injected["503"] + gcs.injected["drop"] + gcs.injected["drop-after"] >= 2
+    assert not chunk_worth_retrying(raised.value), repr(raised.value)
+    assert storage.read("a.jpg") == b"\xff\xd8\xff"  # and GCS back, it reads again
+    # what the chunk task does retry: anything else but a permission error
+    assert chunk_worth_retrying(OSError("No space left on device"))
+    assert not chunk_worth_retrying(PermissionError("gs://b: storage.objects.get denied"))
