@@ -68,7 +68,7 @@ bench-rerun: setup
 bench-scale: setup
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
-# 3 sizes x 2 formats from one decode against one rendition, on 6 MP camera JPEGs
+# 3 sizes x 2 formats from one decode against one rendition, on 400 6 MP camera JPEGs
 bench-renditions: setup
 	$(BIN)/python bench/renditions.py
 

@@ -1,6 +1,6 @@
 """Several renditions per image against one, in one invocation, on the same 6 MP corpus.
 
-    .venv/bin/python bench/renditions.py [--images 200] [--runner threads]
+    .venv/bin/python bench/renditions.py [--images 400] [--runner threads]
 
 Rows, each a whole `pixelmill run` (start-up included):
 - `one`: the largest size in the first format, alone (1600x1200 JPEG): what any run of these
@@ -43,7 +43,7 @@ def run(source: Path, dest: Path, name: str, runner: str, sizes: tuple[str, ...]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--runner", default="threads")
     args = parser.parse_args()
     server.ensure_api()
