@@ -227,9 +227,9 @@ def _figure(image: ImageResult, number: int) -> str:
     if image.renditions:
         links += (f' <details class="renditions"><summary>{len(image.renditions)} '
                   "renditions</summary>" + " ".join(
-                      f'<a href="{_href(r.output)}">{_text(r.size)} {_text(r.format)}</a>'
-                      f' <span class="muted">{r.width}x{r.height}</span>'
-                      for r in image.renditions) + "</details>")
+                      f'<span class="r"><a href="{_href(r.output)}">{_text(r.size)} '
+                      f'{_text(r.format)}</a> <span class="muted">{r.width}x{r.height}</span>'
+                      "</span>" for r in image.renditions) + "</details>")
     notes = "".join(f'<p class="note">{_text(note)}</p>' for note in image.notes)
     kept = ('<span class="kept" title="made by an earlier run, verified present">kept</span>'
             if image.status == "skipped" else "")
@@ -266,7 +266,7 @@ figcaption{margin-top:6px;word-break:break-all}.links a{margin-right:8px;font-si
 .name{display:block}.note{color:#fc6;font-size:12px;margin:4px 0 0}
 table{border-collapse:collapse;width:100%}.nav{margin:8px 0}.pages li{margin:4px 0}td,th{border:1px solid #333;padding:4px 8px;text-align:left}
 .failed{color:#f88}.kept{color:#9c9;font-size:12px}
-.renditions{font-size:12px}.renditions a{margin-right:2px}.renditions span{margin-right:8px}
+.renditions{font-size:12px;word-break:normal}.renditions .r{display:inline-block;white-space:nowrap;margin-right:8px}
 .compare{display:none;position:fixed;inset:0;overflow:auto;padding:16px 24px;background:#111}
 .compare:target{display:block}
 .panels{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:12px}
