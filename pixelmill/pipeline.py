@@ -48,9 +48,13 @@ def _kept_rendition(rendition: Rendition, path: str, meta: Mapping[str, str] | N
             if meta is not None and meta.get(provenance.MADE) == stamp else None)
     if size is None:
         return None
-    return RenditionResult(size=rendition.size_text,
-                           format=rendition.format, width=size[0], height=size[1],
-                           output=f"{rendition.folder}/{path}")
+    return _rendition_result(rendition, size[0], size[1], f"{rendition.folder}/{path}")
+
+
+def _rendition_result(rendition: Rendition, width: int, height: int, output: str
+                      ) -> RenditionResult:
+    return RenditionResult(size=rendition.size_text, format=rendition.format, width=width,
+                           height=height, output=output)
 
 
 def _main_rendition(spec: PipelineSpec, output: str, width: int, height: int
@@ -59,8 +63,7 @@ def _main_rendition(spec: PipelineSpec, output: str, width: int, height: int
     if len(spec.renditions) == 1:
         return ()
     main = spec.renditions[0]
-    return (RenditionResult(size=main.size_text, format=main.format,
-                            width=width, height=height, output=f"resized/{output}"),)
+    return (_rendition_result(main, width, height, f"resized/{output}"),)
 
 
 def _held(source: str, output: str, version: str, stamps: provenance.Stamps,
@@ -691,9 +694,8 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                                       item.source, item.version, spec,
                                       None if rendition == main else rendition),
                                   output.width, output.height, notes))
-                made[rendition] = RenditionResult(
-                    size=rendition.size_text, format=rendition.format,
-                    width=output.width, height=output.height, output=path)
+                made[rendition] = _rendition_result(rendition, output.width, output.height,
+                                                    path)
             width, height = ((made[main].width, made[main].height) if main in made
                              else item.kept_resized)
             by_label = {(r.size, r.format): r for r in (*made.values(), *item.kept_renditions)}

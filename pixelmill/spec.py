@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Literal
 
@@ -109,7 +110,19 @@ PRESETS: dict[str, dict[str, list]] = {
 }
 
 
-class Rendition(Frozen):
+class _Encoded:
+    """The file extension and content type of a model's `format` field."""
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+
+class Rendition(_Encoded, Frozen):
     """One output of each image: a size in a format, and the folder it is written to."""
 
     size: tuple[int, int]
@@ -121,16 +134,16 @@ class Rendition(Frozen):
         """The size as written on the command line and in the records: "400x300"."""
         return f"{self.size[0]}x{self.size[1]}"
 
-    @property
-    def extension(self) -> str:
-        return EXTENSIONS[self.format]
 
-    @property
-    def content_type(self) -> str:
-        return CONTENT_TYPES[self.format]
+@functools.lru_cache(maxsize=64)
+def _renditions(spec: PipelineSpec) -> tuple[Rendition, ...]:
+    return tuple(
+        Rendition(size=size, format=fmt,
+                  folder="resized" if n == 0 else f"resized-{size[0]}x{size[1]}")
+        for n, size in enumerate(spec.sizes) for fmt in spec.formats)
 
 
-class PipelineSpec(Frozen):
+class PipelineSpec(_Encoded, Frozen):
     """The settings of one run; part of report.json and of every chunk's cache key.
 
     Every size is written in every format (`renditions`), all from one decode. The first size
@@ -196,14 +209,6 @@ class PipelineSpec(Frozen):
         return tuple(dict.fromkeys(names))  # keep order, drop repeats
 
     @property
-    def extension(self) -> str:
-        return EXTENSIONS[self.format]
-
-    @property
-    def content_type(self) -> str:
-        return CONTENT_TYPES[self.format]
-
-    @property
     def sizes(self) -> tuple[tuple[int, int], ...]:
         return (self.size, *self.more_sizes)
 
@@ -213,11 +218,9 @@ class PipelineSpec(Frozen):
 
     @property
     def renditions(self) -> tuple[Rendition, ...]:
-        """Every size in every format, the main one (first size, first format) first."""
-        return tuple(
-            Rendition(size=size, format=fmt,
-                      folder="resized" if n == 0 else f"resized-{size[0]}x{size[1]}")
-            for n, size in enumerate(self.sizes) for fmt in self.formats)
+        """Every size in every format, the main one (first size, first format) first
+        (worked out once per spec: a plan asks for each image)."""
+        return _renditions(self)
 
     @property
     def sizes_text(self) -> str:
