@@ -20,7 +20,7 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
-from prefect.utilities.annotations import quote
+from prefect.utilities.annotations import opaque, quote
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_ray.context import remote_options
 
@@ -338,14 +338,18 @@ def _run_chunks(job: Job, chunks: Sequence[Chunk], resize_task, filter_task,
     results and each chunk's summary, by index."""
     resize_job = job.without_filters()  # the resize stage does not depend on the filters
 
+    # A chunk's items and a resize chunk's images are hundreds of records, which Prefect
+    # would otherwise walk, each time a task run is created and again when it starts,
+    # looking for futures inside: `quote` the chunk (it holds none), pass the upstream
+    # state `opaque` (resolved, lineage recorded, its result not walked).
     def submit_resize(chunk):
         with remote_options(**resize_resources.ray_options()):
-            return resize_task.submit(resize_job, chunk)
+            return resize_task.submit(resize_job, opaque(chunk))
 
     def submit_filter(resized: PrefectFuture):
         with remote_options(**filter_resources.ray_options()):
             # the upstream *state*: Prefect records the lineage and hands the task its result
-            return filter_task.submit(job, resized.state)
+            return filter_task.submit(job, opaque(resized.state))
 
     results: list[ImageResult] = []
     summaries: list[ChunkSummary] = []

@@ -1,4 +1,4 @@
-"""prefect-ray's RayTaskRunner with four fixes for runs of many chunk tasks (their figures:
+"""prefect-ray's RayTaskRunner with five fixes for runs of many chunk tasks (their figures:
 docs/decisions.md, "The Ray runner's fixes to prefect-ray").
 
 1. Upstream results come from Ray's resolved arguments. prefect-ray passes a task's upstream
@@ -12,6 +12,9 @@ docs/decisions.md, "The Ray runner's fixes to prefect-ray").
 3. The flow side serializes the settings once per flow run instead of once per submission.
 4. Workers are started and warmed (Prefect and the tasks imported) when the runner connects,
    while the flow run is set up, instead of when the first chunk arrives.
+5. A parameter the flow passes `opaque` (so that Prefect does not walk its hundreds of
+   records) reaches the task as itself: Ray's serializer would hand over the plain tuple the
+   annotation is made of.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from uuid import UUID, uuid4
 from prefect.context import SettingsContext, serialize_context
 from prefect.futures import PrefectFuture
 from prefect.task_engine import run_task_async, run_task_sync
+from prefect.utilities.annotations import opaque
 from prefect.utilities.collections import visit_collection
 from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
@@ -162,6 +166,10 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
                                            "task_inputs": task_inputs,
                                            "copy_to_child_ctx": True})
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
+        # Ray's serializer turns an annotation into the plain tuple it is made of, so the
+        # worker gets the value itself (the walks `opaque` spares are done by then)
+        parameters = {name: value.unwrap() if isinstance(value, opaque) else value
+                      for name, value in parameters.items()}
         object_ref = self._remote(task.name).remote(
             *upstream_refs, task=task, task_run_id=task_run_id, parameters=parameters,
             wait_for=wait_for, dependencies=dependencies, context=context)
