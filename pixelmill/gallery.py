@@ -391,10 +391,12 @@ def _write_page(report: RunReport, destination: Storage, held: dict[str, str], n
         destination.write(key, page, "text/html; charset=utf-8", {provenance.MADE: stamp})
 
 
-def _drop_pages_beyond(destination: Storage, held: dict[str, str], count: int) -> None:
+def _drop_beyond(destination: Storage, held: dict[str, str], pages: int, sheets: int) -> None:
+    """Delete the pages and contact sheets past today's counts (left by a run of more
+    images): the gallery folder holds only what the index links."""
     for key in held:
-        found = re.fullmatch(r".*/gallery/page-(\d+)\.html", key)
-        if found and int(found.group(1)) > count:
+        found = re.fullmatch(r".*/gallery/(page|contact-sheet)-(\d+)\.(html|jpg)", key)
+        if found and int(found.group(2)) > (pages if found.group(1) == "page" else sheets):
             destination.delete(key)
 
 
@@ -442,8 +444,8 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     destination.write_stream(job.run_file(IMAGES_FILE), lines(), "application/x-ndjson")
     if page:
         flush()
-    _drop_pages_beyond(destination, held, len(pages))
     sheet_keys = contact_sheets(report, destination, held, tiles)
+    _drop_beyond(destination, held, len(pages), len(sheet_keys))
     index_key = job.run_file("gallery/index.html")
     destination.write(index_key, _index(report, sheet_keys, report.failures, shown_total,
                                         inline, pages).encode("utf-8"),
@@ -466,7 +468,7 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     pages = _pages(shown, page_size)
     for number, offset, images in pages:
         _write_page(report, destination, held, number, len(pages), offset, images, len(shown))
-    _drop_pages_beyond(destination, held, len(pages))
+    _drop_beyond(destination, held, len(pages), len(sheets))
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),
                       "text/html; charset=utf-8")

@@ -3,7 +3,8 @@
 Writes go to a temp file and are renamed into place. An object's metadata is appended to a
 journal in the `.pixelmill-meta/` folder of the key's top folder (for pixelmill: the run
 folder), each entry naming the file's size and mtime; an entry counts only while the file
-still has that size and mtime, so a file replaced by hand has no metadata.
+still has that size and mtime, so a file replaced by hand has no metadata. A listed file's
+version is its mtime and ctime (`_version`).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class LocalStorage:
                 continue  # vanished or a dangling link
             key = entry.path[strip:].replace(os.sep, "/")
             meta = metadata.get((key, stat.st_size, str(stat.st_mtime_ns))) if metadata else None
-            yield ObjectInfo(key, stat.st_size, None, str(stat.st_mtime_ns), meta or {})
+            yield ObjectInfo(key, stat.st_size, None, _version(stat), meta or {})
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -207,7 +208,7 @@ class LocalStorage:
             # hold as much as the largest (a nightly run that adds 1 % does not rewrite all)
             if len(old) < 2 or sum(sizes[:-1]) < sizes[-1]:
                 continue
-            current = {(info.key, info.size, info.version): info.metadata
+            current = {(info.key, info.size, _mtime(info.version)): info.metadata
                        for info in self.list(folder.parent.relative_to(self.root).as_posix())
                        if info.metadata}
             kept = {entry: meta for entry, meta in _read_journals(old).items()
@@ -252,6 +253,20 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _version(stat: os.stat_result) -> str:
+    """A local file's version, "<mtime>-<ctime>" in ns: what a GCS generation is to an object.
+    The mtime alone can be set back (`cp -p`, `rsync -t`, `exiftool -P`, two photos of the
+    same mtime swapped by `mv`); the ctime cannot, and changes whenever the file is written,
+    renamed or linked. So a changed source is never taken for the one an output was made
+    from; a `chmod` or a new hard link costs a remake, never a change missed."""
+    return f"{stat.st_mtime_ns}-{stat.st_ctime_ns}"
+
+
+def _mtime(version: str) -> str:
+    """The mtime of a local version (`_version`): what a journal line names an output by."""
+    return version.partition("-")[0]
+
+
 def _older(path: Path, cutoff: float) -> bool:
     try:
         return path.stat().st_mtime < cutoff
@@ -268,8 +283,8 @@ def _read_journals(paths: list, prefix: str = "") -> dict[tuple[str, int, str], 
     killed mid-line) is read line by line."""
     entries: dict[tuple[str, int, str], dict[str, str]] = {}
     for path in paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
+        try:  # bytes that are not text (a damaged journal) spoil only their own line
+            text = Path(path).read_bytes().decode("utf-8", "replace")
         except OSError:
             continue
         lines = text.splitlines()

@@ -31,7 +31,8 @@ TIDY_AFTER_S = 600.0
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listed object: its key, size in bytes, content type if known, and a version
-    (mtime in ns locally, the generation on GCS) used to notice changed sources."""
+    (the generation on GCS; locally the mtime and ctime in ns, "<mtime>-<ctime>") used to
+    notice changed sources."""
 
     key: str
     size: int

@@ -244,6 +244,11 @@ def test_many_images_make_several_sheets(dest):
     assert decode(dest.read("many/gallery/contact-sheet-02.jpg")).size == (6 * 208, 178)
     page = dest.read("many/gallery/index.html").decode()
     assert 'href="contact-sheet-02.jpg"' in page
+    # a re-run after a source was deleted: one sheet left, and only it in the gallery
+    build_gallery(RunReport.build(job, 48, images[:48], 0.5), dest)
+    assert not dest.exists("many/gallery/contact-sheet-02.jpg")
+    assert 'contact-sheet-02' not in dest.read("many/gallery/index.html").decode()
+    assert dest.exists("many/gallery/contact-sheet-01.jpg")
 
 
 def test_a_contact_sheet_is_drawn_again_only_when_its_tiles_change(report, dest):

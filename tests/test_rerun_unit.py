@@ -45,8 +45,9 @@ def run_once(source: LocalStorage, dest: LocalStorage, job: Job) -> list[ImageRe
     return sorted(results, key=lambda image: image.source)
 
 
-def mtimes(dest: LocalStorage) -> dict[str, int]:
-    return {info.key: int(info.version) for info in dest.list(f"{RUN}/")
+def mtimes(dest: LocalStorage) -> dict[str, str]:
+    """Each output's version (its mtime and ctime): a rewritten file has a new one."""
+    return {info.key: info.version for info in dest.list(f"{RUN}/")
             if not info.key.endswith(".json")}
 
 
@@ -80,6 +81,20 @@ def test_a_torn_journal_line_is_ignored(tmp_path):
     with journal.open("a") as handle:
         handle.write('{"key": "run/x.jpg", "si')  # a writer killed mid-line
     assert next(iter(store.list("run/"))).metadata == {"pixelmill-made": "s1"}
+
+
+def test_bytes_that_are_not_text_in_a_journal_cost_only_their_line(tmp_path):
+    """A damaged journal (a disk error, a stray write) never stops a run: its good lines
+    still count, the rest is made again."""
+    store = LocalStorage(tmp_path)
+    store.write("run/x.jpg", b"one", "image/jpeg", {"pixelmill-made": "s1"})
+    store.write("run/y.jpg", b"two", "image/jpeg", {"pixelmill-made": "s2"})
+    [journal] = (tmp_path / "run" / META_DIR).glob("*.jsonl")
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(lines[0] + b"\xff\xfe garbage \x80\n" + lines[1][:5] + b"\xff" +
+                        lines[1][6:])
+    assert {info.key: info.metadata for info in store.list("run/")} == \
+        {"run/x.jpg": {"pixelmill-made": "s1"}, "run/y.jpg": {}}
 
 
 def test_tidy_merges_old_journals_and_keeps_young_files(tmp_path):
@@ -171,6 +186,40 @@ def test_a_changed_source_remakes_only_its_outputs(setup, tmp_path):
     after = mtimes(dest)
     assert sorted(key for key in after if after[key] != before[key]) == \
         [f"{RUN}/blur/set1/1.jpg", f"{RUN}/resized/set1/1.jpg"]
+
+
+def test_a_source_changed_behind_a_restored_mtime_is_made_again(setup, tmp_path):
+    """`cp -p`, `rsync -t` or `exiftool -P` write a source and set its mtime back; two
+    photos of one mtime swapped by `mv` keep theirs. Neither may pass for the source an
+    output was made from."""
+    source, dest, job = setup
+    run_once(source, dest, job)
+    changed, first, second = (tmp_path / "src" / name
+                              for name in ("set1/1.jpg", "set0/0.jpg", "set0/2.jpg"))
+    # written in place, same size, mtime set back
+    before = changed.stat()
+    data = bytearray(changed.read_bytes())
+    data[-3] ^= 0xFF  # a different last scan byte, the same length
+    changed.write_bytes(bytes(data))
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (changed.stat().st_size, changed.stat().st_mtime_ns) == \
+        (before.st_size, before.st_mtime_ns)
+    # two photos of one mtime swapped by renaming
+    same = first.stat().st_mtime_ns
+    os.utime(second, ns=(same, same))
+    os.utime(first, ns=(same, same))
+    results = run_once(source, dest, job)  # the two now stamped with that one mtime
+    assert "set1/1.jpg" in [image.source for image in results if image.status == "ok"]
+    before = mtimes(dest)
+    first.rename(tmp_path / "swap")
+    second.rename(first)
+    (tmp_path / "swap").rename(second)
+    results = run_once(source, dest, job)
+    assert sorted(image.source for image in results if image.status == "ok") == \
+        ["set0/0.jpg", "set0/2.jpg"]
+    after = mtimes(dest)
+    assert sorted(key for key in after if after[key] != before[key]) == [
+        f"{RUN}/{folder}/set0/{n}.jpg" for folder in ("blur", "resized") for n in (0, 2)]
 
 
 def test_other_settings_remake_every_output_they_shape(setup):
