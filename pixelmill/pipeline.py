@@ -726,8 +726,14 @@ def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[
                 variants = render_filters(decode(data.result()),
                                           spec.model_copy(update={"filters": names}))
             except ImageError as exc:
-                filtered[image.source] = image.model_copy(
-                    update={"status": "failed", "error": f"filter stage: {exc}"})
+                # pixelmill's own output that does not decode (damaged on disk behind a
+                # stamp that still matches) goes, so that the next run makes it again
+                # instead of failing here on every run
+                destination.delete(f"{job.run}/{image.outputs['resized']}")
+                filtered[image.source] = ImageResult(
+                    source=image.source, status="failed", version=image.version,
+                    error=f"filter stage: its resized output {image.outputs['resized']} does "
+                          f"not decode ({exc}): removed, made again by the next run")
                 continue
             relpath = image.outputs["resized"].removeprefix("resized/")
             outputs = dict(image.outputs)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pixelmill import pipeline, provenance, runlock
 from pixelmill.errors import UsageError
+from pixelmill.imageops import decode
 from pixelmill.models import ImageResult, Job
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec
@@ -220,6 +221,27 @@ def test_a_source_changed_behind_a_restored_mtime_is_made_again(setup, tmp_path)
     after = mtimes(dest)
     assert sorted(key for key in after if after[key] != before[key]) == [
         f"{RUN}/{folder}/set0/{n}.jpg" for folder in ("blur", "resized") for n in (0, 2)]
+
+
+def test_a_kept_resized_output_that_no_longer_decodes_is_made_again(setup, tmp_path):
+    """Damaged on disk behind a stamp that still matches (same length, mtime set back), with
+    its filter output gone: the filter stage fails the image once and removes the damaged
+    file, and the next run makes both again, instead of failing on every run."""
+    source, dest, job = setup
+    run_once(source, dest, job)
+    resized = tmp_path / "dst" / RUN / "resized/set1/1.jpg"
+    before = resized.stat()
+    resized.write_bytes(b"\0" * before.st_size)
+    os.utime(resized, ns=(before.st_atime_ns, before.st_mtime_ns))
+    dest.delete(f"{RUN}/blur/set1/1.jpg")
+    [damaged] = [image for image in run_once(source, dest, job) if image.source == "set1/1.jpg"]
+    assert damaged.status == "failed" and damaged.outputs == {}
+    assert "resized/set1/1.jpg does not decode" in damaged.error
+    assert not resized.exists()  # nothing undecodable is left behind a good stamp
+    [again] = [image for image in run_once(source, dest, job) if image.source == "set1/1.jpg"]
+    assert again.status == "ok" and set(again.outputs) == {"resized", "blur"}
+    for output in again.outputs.values():
+        assert decode(dest.read(f"{RUN}/{output}")).size == (32, 24)
 
 
 def test_other_settings_remake_every_output_they_shape(setup):
