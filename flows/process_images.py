@@ -340,8 +340,8 @@ def _run_chunks(job: Job, chunks: Sequence[Chunk], resize_task, filter_task,
 
     # A chunk's items and a resize chunk's images are hundreds of records, which Prefect
     # would otherwise walk, each time a task run is created and again when it starts,
-    # looking for futures inside: `quote` the chunk (it holds none), pass the upstream
-    # state `opaque` (resolved, lineage recorded, its result not walked).
+    # looking for futures inside: both go `opaque` (the chunk holds none; the upstream state
+    # is resolved and its lineage recorded, its result not walked).
     def submit_resize(chunk):
         with remote_options(**resize_resources.ray_options()):
             return resize_task.submit(resize_job, opaque(chunk))

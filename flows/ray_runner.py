@@ -13,8 +13,9 @@ docs/decisions.md, "The Ray runner's fixes to prefect-ray").
 4. Workers are started and warmed (Prefect and the tasks imported) when the runner connects,
    while the flow run is set up, instead of when the first chunk arrives.
 5. A parameter the flow passes `opaque` (so that Prefect does not walk its hundreds of
-   records) reaches the task as itself: Ray's serializer would hand over the plain tuple the
-   annotation is made of.
+   records, on either side) stays `opaque` in the worker: it travels unwrapped, since an
+   annotation (a tuple subclass) comes out of pickling with its value nested one level
+   deeper, and the task would get a tuple.
 """
 
 from __future__ import annotations
@@ -166,13 +167,14 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
                                            "task_inputs": task_inputs,
                                            "copy_to_child_ctx": True})
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
-        # Ray's serializer turns an annotation into the plain tuple it is made of, so the
-        # worker gets the value itself (the walks `opaque` spares are done by then)
-        parameters = {name: value.unwrap() if isinstance(value, opaque) else value
+        # an annotation (a tuple subclass) comes out of pickling with its value nested one
+        # level deeper: the value travels alone and is wrapped again in the worker
+        wrapped = tuple(name for name, value in parameters.items() if isinstance(value, opaque))
+        parameters = {name: value.unwrap() if name in wrapped else value
                       for name, value in parameters.items()}
         object_ref = self._remote(task.name).remote(
             *upstream_refs, task=task, task_run_id=task_run_id, parameters=parameters,
-            wait_for=wait_for, dependencies=dependencies, context=context)
+            wait_for=wait_for, dependencies=dependencies, context=context, opaque_names=wrapped)
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
     def _remote(self, name: str):
@@ -214,10 +216,12 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
     def _run_prefect_task(*upstream_values: Any, task, task_run_id: UUID,
                           context: dict[str, Any], parameters: dict[str, Any],
                           wait_for: Iterable[PrefectFuture[Any]] | None = None,
-                          dependencies=None) -> Any:
+                          dependencies=None, opaque_names: tuple[str, ...] = ()) -> Any:
         import ray
 
         values = iter(upstream_values)
+        parameters = {name: opaque(value) if name in opaque_names else value
+                      for name, value in parameters.items()}
 
         def resolved(expr: Any) -> Any:
             # the submit side collected the refs with the same visit, so the order matches

@@ -391,13 +391,19 @@ def _write_page(report: RunReport, destination: Storage, held: dict[str, str], n
         destination.write(key, page, "text/html; charset=utf-8", {provenance.MADE: stamp})
 
 
-def _drop_beyond(destination: Storage, held: dict[str, str], pages: int, sheets: int) -> None:
-    """Delete the pages and contact sheets past today's counts (left by a run of more
-    images): the gallery folder holds only what the index links."""
+def _drop_beyond(destination: Storage, held: dict[str, str], job: Job, pages: int,
+                 sheets: int) -> None:
+    """Delete this run's (or shard's) pages and contact sheets past today's counts (left by a
+    run of more images): the gallery folder holds only what the index links."""
+    limits = []
+    for name, count in (("page-{n}.html", pages), ("contact-sheet-{n}.jpg", sheets)):
+        pattern = re.escape(job.run_file(f"gallery/{name}")).replace(re.escape("{n}"), r"(\d+)")
+        limits.append((re.compile(pattern), count))
     for key in held:
-        found = re.fullmatch(r".*/gallery/(page|contact-sheet)-(\d+)\.(html|jpg)", key)
-        if found and int(found.group(2)) > (pages if found.group(1) == "page" else sheets):
-            destination.delete(key)
+        for pattern, count in limits:
+            found = pattern.fullmatch(key)
+            if found and int(found.group(1)) > count:
+                destination.delete(key)
 
 
 def build_gallery_of_parts(report: RunReport, destination: Storage, records: Sequence[str],
@@ -445,7 +451,7 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     if page:
         flush()
     sheet_keys = contact_sheets(report, destination, held, tiles)
-    _drop_beyond(destination, held, len(pages), len(sheet_keys))
+    _drop_beyond(destination, held, job, len(pages), len(sheet_keys))
     index_key = job.run_file("gallery/index.html")
     destination.write(index_key, _index(report, sheet_keys, report.failures, shown_total,
                                         inline, pages).encode("utf-8"),
@@ -468,7 +474,7 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     pages = _pages(shown, page_size)
     for number, offset, images in pages:
         _write_page(report, destination, held, number, len(pages), offset, images, len(shown))
-    _drop_beyond(destination, held, len(pages), len(sheets))
+    _drop_beyond(destination, held, report.job, len(pages), len(sheets))
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),
                       "text/html; charset=utf-8")

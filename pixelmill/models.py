@@ -88,7 +88,8 @@ class ImageResult(Frozen):
     outputs: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
     notes: tuple[str, ...] = ()
-    # The source's generation or mtime: carried so a later stage's cache key changes with it.
+    # The source's version (GCS generation; a local file's "<mtime>-<ctime>"): carried so that
+    # a later stage's stamps and cache key change with it.
     version: str = ""
     # In a run of several sizes or formats: every rendition made or kept, the main one first.
     renditions: tuple[RenditionResult, ...] = ()

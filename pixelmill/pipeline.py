@@ -708,6 +708,26 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
     return [done[item.source] for item in items]
 
 
+def _unreadable_resized(image: ImageResult, destination: Storage, job: Job,
+                        exc: Exception) -> ImageResult:
+    """The image failed, when its resized output is gone (a retry after the removal below) or
+    does not decode: damaged on disk behind a stamp that still matches. Such a file is
+    removed (best effort), so that the next run makes it again instead of failing here on
+    every run; nothing reports it made."""
+    resized = image.outputs["resized"]
+    if isinstance(exc, FileNotFoundError):
+        reason = "is missing"
+    else:
+        reason = f"does not decode ({exc})"
+        try:
+            destination.delete(f"{job.run}/{resized}")
+        except Exception as gone:  # noqa: BLE001  (still this image's failure only)
+            log.warning("could not remove %s, which does not decode: %s", resized, gone)
+    return ImageResult(source=image.source, status="failed", version=image.version,
+                       error=f"filter stage: its resized output {resized} {reason}: made "
+                             "again by the next run")
+
+
 def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[ImageResult]:
     """Apply each requested filter whose output is not kept to each resized image of a chunk,
     and write the variants with their stamps."""
@@ -723,17 +743,15 @@ def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[
         for image, data in prefetched(todo, read, PREFETCH if _overlaps(destination) else 0):
             names = missing(image)
             try:
-                variants = render_filters(decode(data.result()),
-                                          spec.model_copy(update={"filters": names}))
+                pixels = decode(data.result())  # any other storage error raises: retried
+            except (FileNotFoundError, ImageError) as exc:
+                filtered[image.source] = _unreadable_resized(image, destination, job, exc)
+                continue
+            try:
+                variants = render_filters(pixels, spec.model_copy(update={"filters": names}))
             except ImageError as exc:
-                # pixelmill's own output that does not decode (damaged on disk behind a
-                # stamp that still matches) goes, so that the next run makes it again
-                # instead of failing here on every run
-                destination.delete(f"{job.run}/{image.outputs['resized']}")
-                filtered[image.source] = ImageResult(
-                    source=image.source, status="failed", version=image.version,
-                    error=f"filter stage: its resized output {image.outputs['resized']} does "
-                          f"not decode ({exc}): removed, made again by the next run")
+                filtered[image.source] = image.model_copy(
+                    update={"status": "failed", "error": f"filter stage: {exc}"})
                 continue
             relpath = image.outputs["resized"].removeprefix("resized/")
             outputs = dict(image.outputs)

@@ -251,6 +251,26 @@ def test_many_images_make_several_sheets(dest):
     assert dest.exists("many/gallery/contact-sheet-01.jpg")
 
 
+def test_a_shard_drops_only_its_own_sheets_past_its_count(dest):
+    job = Job(source="/photos", destination=dest.uri, run="many", shard_index=1,
+              shard_count=2)
+    tile = encode(Image.new("RGB", (20, 15), RED), "jpeg")
+    images = []
+    for number in range(49):
+        path = f"resized/{number:02d}.jpg"
+        dest.write(f"many/{path}", tile, "image/jpeg")
+        images.append(ImageResult(source=f"{number:02d}.jpg", status="ok", width=20, height=15,
+                                  outputs={"resized": path}))
+    other = "many/gallery/contact-sheet-02-shard-2-of-2.jpg"  # the other shard's
+    dest.write(other, tile, "image/jpeg")
+    build_gallery(RunReport.build(job, 49, images, 0.5), dest)
+    mine = "many/gallery/contact-sheet-02-shard-1-of-2.jpg"
+    assert dest.exists(mine)
+    build_gallery(RunReport.build(job, 48, images[:48], 0.5), dest)
+    assert not dest.exists(mine)
+    assert dest.exists("many/gallery/contact-sheet-01-shard-1-of-2.jpg") and dest.exists(other)
+
+
 def test_a_contact_sheet_is_drawn_again_only_when_its_tiles_change(report, dest):
     build_gallery(report, dest)
     sheet = dest.root / RUN / "gallery/contact-sheet-01.jpg"

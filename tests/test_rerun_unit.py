@@ -14,7 +14,7 @@ from PIL import Image
 from pixelmill import pipeline, provenance, runlock
 from pixelmill.errors import UsageError
 from pixelmill.imageops import decode
-from pixelmill.models import ImageResult, Job
+from pixelmill.models import ChunkResult, ImageResult, Job
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec
 from pixelmill.storage import META_DIR, TEMP_PREFIX
@@ -238,6 +238,12 @@ def test_a_kept_resized_output_that_no_longer_decodes_is_made_again(setup, tmp_p
     assert damaged.status == "failed" and damaged.outputs == {}
     assert "resized/set1/1.jpg does not decode" in damaged.error
     assert not resized.exists()  # nothing undecodable is left behind a good stamp
+    # the filter task retried on the same resize result: that image fails, never its chunk
+    [retried] = pipeline.filter_images(
+        ChunkResult(index=0, images=(ImageResult(source="set1/1.jpg", status="ok",
+                                                 outputs={"resized": "resized/set1/1.jpg"}),)),
+        job, dest)
+    assert retried.status == "failed" and "resized/set1/1.jpg is missing" in retried.error
     [again] = [image for image in run_once(source, dest, job) if image.source == "set1/1.jpg"]
     assert again.status == "ok" and set(again.outputs) == {"resized", "blur"}
     for output in again.outputs.values():
