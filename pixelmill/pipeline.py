@@ -311,6 +311,8 @@ def plan_parts(source: Storage, destination: Storage, job: Job,
                and not (info.key.endswith("/") and info.size == 0))  # "folder" placeholders
     held_outputs = _Held(destination, job)
     stamps = provenance.Stamps(job.spec)
+    # the formats' extensions: each image's outputs in every format are looked up
+    extensions = list(dict.fromkeys(r.extension for r in job.spec.renditions))
     for number, elements in enumerate(_in_parts(_classified(source, listing), part_images),
                                       start=1):
         part = PartPlan(number=number)
@@ -328,7 +330,6 @@ def plan_parts(source: Storage, destination: Storage, job: Job,
             part.rejected = [r for r in part.rejected
                              if in_shard(r.source, job.shard_index, job.shard_count)]
         images.sort(key=lambda pair: pair[0][0].key)
-        extensions = list(dict.fromkeys(r.extension for r in job.spec.renditions))
         held = held_outputs.take(
             rendition_output(outputs[info.key], job.spec.extension, extension)
             for (info, _), orphan in images if not orphan for extension in extensions)
@@ -644,6 +645,7 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
     On storage with round trips (GCS) sources are read ahead and outputs written in the
     background (`overlap`); on a local folder both in line."""
     spec = job.spec
+    stamps = provenance.Stamps(spec)
     main, *others = spec.renditions
     done: dict[str, ImageResult] = {}
     todo: list[tuple[ChunkItem, list[Rendition]]] = []
@@ -688,12 +690,11 @@ def resize_images(items: tuple[ChunkItem, ...], job: Job, source: Storage,
                 rendition = output.rendition
                 path = (f"{rendition.folder}/"
                         f"{rendition_output(item.output, spec.extension, rendition.extension)}")
+                stamp = (stamps.resized(item.source, item.version) if rendition == main else
+                         stamps.rendition(rendition, item.source, item.version))
                 writer.submit(f"{job.run}/{path}", output.data, rendition.content_type,
-                              provenance.resized_metadata(
-                                  provenance.resized_stamp(
-                                      item.source, item.version, spec,
-                                      None if rendition == main else rendition),
-                                  output.width, output.height, notes))
+                              provenance.resized_metadata(stamp, output.width, output.height,
+                                                          notes))
                 made[rendition] = _rendition_result(rendition, output.width, output.height,
                                                     path)
             width, height = ((made[main].width, made[main].height) if main in made
@@ -732,6 +733,7 @@ def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[
     """Apply each requested filter whose output is not kept to each resized image of a chunk,
     and write the variants with their stamps."""
     spec = job.spec
+    stamps = provenance.Stamps(spec)
 
     def missing(image: ImageResult) -> tuple[str, ...]:
         return tuple(name for name in spec.filters if filter_folder(name) not in image.outputs)
@@ -759,7 +761,8 @@ def filter_images(resized: ChunkResult, job: Job, destination: Storage) -> list[
                 folder = filter_folder(name)
                 outputs[folder] = f"{folder}/{relpath}"
                 writer.submit(f"{job.run}/{folder}/{relpath}", variants[folder],
-                              spec.content_type, {provenance.MADE: provenance.filter_stamp(
-                                  image.source, image.version, spec, name)})
+                              spec.content_type,
+                              {provenance.MADE: stamps.filter(folder, image.source,
+                                                              image.version)})
             filtered[image.source] = image.model_copy(update={"outputs": outputs})
     return [filtered.get(image.source, image) for image in resized.images]

@@ -1,11 +1,11 @@
 """What made an output, recorded with the output itself, and the skip decision built on it.
 
 Every output carries a stamp: a digest of its source key, the source's version (GCS
-generation; in a local folder its mtime and ctime) and the settings that shape that output. A run lists
-its destination run folder once and keeps an output only when it is there with the stamp this
-run would give it; anything missing, changed or made with other settings is made again. The
-resized output also carries its pixel size and notes, so a kept image is reported and shown in
-the gallery without reading it.
+generation; in a local folder its mtime and ctime) and the settings that shape that output. A
+run lists its destination run folder once and keeps an output only when it is there with the
+stamp this run would give it; anything missing, changed or made with other settings is made
+again. The resized output also carries its pixel size and notes, so a kept image is reported
+and shown in the gallery without reading it.
 """
 
 from __future__ import annotations
