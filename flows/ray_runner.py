@@ -10,8 +10,9 @@ docs/decisions.md, "The Ray runner's fixes to prefect-ray").
    in the same order.
 2. Prefect's settings are validated once per worker process instead of once per task run.
 3. The flow side serializes the settings once per flow run instead of once per submission.
-4. Workers are started and warmed (Prefect and the tasks imported) when the runner connects,
-   while the flow run is set up, instead of when the first chunk arrives.
+4. Workers are started and warmed (Prefect, the tasks and Prefect's collections imported)
+   when the runner connects, while the flow run is set up, instead of when the first chunk
+   arrives.
 5. A parameter the flow passes `opaque` (so that Prefect does not walk its hundreds of
    records, on either side) stays `opaque` in the worker: it travels unwrapped, since an
    annotation (a tuple subclass) comes out of pickling with its value nested one level
@@ -34,6 +35,8 @@ from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
+
+from flows.runners import warm_up
 
 
 # What this module copies and changes, as it was when copied: a test compares these with the
@@ -86,11 +89,6 @@ def _with_validated_settings(context: dict[str, Any]) -> dict[str, Any]:
     return {**context, "settings_context": validated}
 
 
-def _warm_up() -> None:
-    """Import what every chunk task needs, in a worker that has not run one yet."""
-    import tasks  # noqa: F401  (Prefect, pixelmill, Pillow)
-
-
 def _warm_workers() -> None:
     """Have Ray start one worker per CPU and import the tasks' modules in it now, while the
     flow run is created, its source listed and its chunks submitted; a new Ray job's workers
@@ -98,7 +96,7 @@ def _warm_workers() -> None:
     for these tasks."""
     import ray
 
-    warm = ray.remote(num_cpus=1)(_warm_up)
+    warm = ray.remote(num_cpus=1)(warm_up)
     for _ in range(int(ray.available_resources().get("CPU", 0))):
         warm.remote()
 

@@ -101,13 +101,29 @@ class SharedTaskRunner(TaskRunner[PrefectFuture[Any]]):
         return self.inner.submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
 
 
+def warm_up() -> None:
+    """Import what every chunk task needs, in a worker process that has not run one yet: the
+    tasks (Prefect, pixelmill, Pillow), and Prefect's collections, which Prefect otherwise
+    imports (prefect-gcp and its Google libraries, ~0.9 s of CPU) inside the first task run
+    whose context holds a block, as every flow run's result store does."""
+    from prefect._internal.plugins.collections import load_prefect_collections
+
+    import tasks  # noqa: F401
+
+    load_prefect_collections()
+
+
 class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
-    """Prefect's process pool, with each task run's upstream task runs recorded.
+    """Prefect's process pool, with each task run's upstream task runs recorded, and each
+    worker warmed (`warm_up`) as it starts.
 
     The pool resolves upstream futures and states to their values before it pickles a task's
     parameters for the subprocess, and the subprocess then finds no upstream task run in them:
     the UI would draw no edge from a resize chunk to its filter chunk. The inputs are collected
     here first, as the thread pool's tasks collect them in process."""
+
+    def __init__(self, max_workers: int | None = None) -> None:
+        super().__init__(max_workers=max_workers, initializer=warm_up)
 
     def submit(self, task, parameters: dict[str, Any],
                wait_for: Iterable[PrefectFuture[Any]] | None = None,
