@@ -10,9 +10,8 @@ docs/decisions.md, "The Ray runner's fixes to prefect-ray").
    in the same order.
 2. Prefect's settings are validated once per worker process instead of once per task run.
 3. The flow side serializes the settings once per flow run instead of once per submission.
-4. Workers are started and warmed (Prefect, the tasks and Prefect's collections imported)
-   when the runner connects, while the flow run is set up, instead of when the first chunk
-   arrives.
+4. Workers are started and warmed (Prefect and the tasks imported) when the runner connects,
+   while the flow run is set up, instead of when the first chunk arrives.
 5. A parameter the flow passes `opaque` (so that Prefect does not walk its hundreds of
    records, on either side) stays `opaque` in the worker: it travels unwrapped, since an
    annotation (a tuple subclass) comes out of pickling with its value nested one level

@@ -102,15 +102,9 @@ class SharedTaskRunner(TaskRunner[PrefectFuture[Any]]):
 
 
 def warm_up() -> None:
-    """Import what every chunk task needs, in a worker process that has not run one yet: the
-    tasks (Prefect, pixelmill, Pillow), and Prefect's collections, which Prefect otherwise
-    imports (prefect-gcp and its Google libraries, ~0.9 s of CPU) inside the first task run
-    whose context holds a block, as every flow run's result store does."""
-    from prefect._internal.plugins.collections import load_prefect_collections
-
+    """Import what every chunk task needs (Prefect, pixelmill, Pillow), in a worker process
+    that has not run one yet."""
     import tasks  # noqa: F401
-
-    load_prefect_collections()
 
 
 class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):

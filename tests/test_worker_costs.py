@@ -1,6 +1,6 @@
-"""What a worker process pays once instead of in every task run: one TLS context for
-Prefect's API clients (tasks.clients), and Prefect's collections imported when it starts
-(flows.runners.warm_up)."""
+"""What a worker process no longer pays in its task runs (tasks.prefect_costs): a TLS context
+for each of Prefect's API clients, and every Prefect collection imported to rebuild a block
+Prefect itself defines; and what warming a worker (flows.runners.warm_up) imports."""
 
 from __future__ import annotations
 
@@ -45,19 +45,29 @@ def test_a_client_given_its_own_tls_context_keeps_it():
     assert _tls(SyncPrefectClient(API, httpx_settings={"verify": own})) is own
 
 
-def test_warming_a_worker_imports_prefects_collections():
-    """Prefect imports its collections (prefect-gcp, ~0.9 s of CPU) inside the first task run
-    of a process; a warmed worker has them already."""
-    probe = ("import sys\n"
-             "from prefect._internal.plugins import collections\n"
-             "from flows.runners import warm_up\n"
-             "assert collections._collections is None and 'prefect_gcp' not in sys.modules\n"
-             "warm_up()\n"
-             "print(collections._collections is not None, 'prefect_gcp' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+def _probe(code: str) -> list[str]:
+    """What `code` prints in a fresh interpreter (module state as a new worker has it)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True"]
+    return out.stdout.split()
+
+
+def test_rebuilding_a_block_prefect_defines_imports_no_collection():
+    """A task run's context holds its flow run's result store, a local-file-system block;
+    Prefect imported every collection (prefect-gcp and pandas, ~0.8 s of CPU) to rebuild it
+    in each worker. A GCS bucket block, which only prefect-gcp defines, is still found."""
+    probe = ("import sys\n"
+             "import tasks\n"
+             "from flows.runners import warm_up\n"
+             "from prefect.blocks.core import Block\n"
+             "from prefect.filesystems import LocalFileSystem\n"
+             "warm_up()\n"
+             "local = Block.get_block_class_from_key('local-file-system')\n"
+             "print(local is LocalFileSystem, 'prefect_gcp' in sys.modules)\n"
+             "gcs = Block.get_block_class_from_key('gcs-bucket')\n"
+             "print(gcs.__module__, 'prefect_gcp' in sys.modules)\n")
+    assert _probe(probe) == ["True", "False", "prefect_gcp.cloud_storage", "True"]
 
 
 def test_the_process_pool_warms_each_worker_and_keeps_doing_so_when_duplicated():
