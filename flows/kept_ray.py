@@ -10,6 +10,7 @@ start`, not of the command that submits the work, so each run passes its own var
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -113,3 +114,42 @@ def _use(info: RayInfo) -> None:
         from ray._raylet import Config
 
         Config.initialize("")
+
+
+def init_kwargs(env: dict[str, str] | None = None) -> dict:
+    """What a pixelmill driver passes to `ray.init`: Ray's log lines stay in Ray's logs, and
+    a run's workers get `env` (its `job_env`) in the job's runtime_env."""
+    kwargs: dict = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": dict(env)}
+    return kwargs
+
+
+def warm_up() -> None:
+    """Import what every chunk task needs (Prefect, pixelmill, Pillow), in a worker process
+    that has not run one yet."""
+    import tasks  # noqa: F401  (the import is the warm-up)
+
+
+def warm_workers() -> None:
+    """Have Ray start one worker per CPU and import the tasks' modules in it now; a new Ray
+    job's workers otherwise start only when the first chunk arrives (~3 s on 2 busy cores).
+    Nothing waits for these tasks."""
+    import ray
+
+    warm = ray.remote(num_cpus=1)(warm_up)
+    for _ in range(int(ray.available_resources().get("CPU", 0))):
+        warm.remote()
+
+
+def connect(address: str, env: dict[str, str] | None = None) -> None:
+    """Connect this process to the Ray at `address` and warm its workers (`warm_workers`),
+    before Prefect is imported here: the workers start and import the tasks while this
+    process imports Prefect and sets the flow run up (~1 s sooner than after the import).
+    The flow's Ray task runner then finds Ray connected and uses it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address, **init_kwargs(env))
+        warm_workers()
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import re
@@ -37,6 +36,7 @@ from pixelmill.retries import PART_RETRIES
 from pixelmill.runlock import Holder, RunFolderBusy, RunLock
 from pixelmill.spec import PipelineSpec, StageResources, check_runner
 from pixelmill.storage import is_gcs
+from flows import kept_ray
 from flows.runners import (
     AutoTaskRunner, LineageProcessPoolTaskRunner, SharedTaskRunner, runner_name,
 )
@@ -63,14 +63,12 @@ def make_task_runner(runner: str = "ray", ray_address: str | None = None,
         return AutoTaskRunner(ray_runner or (lambda: make_task_runner("ray", ray_address,
                                                                       job_env)), threads=cpus)
     if runner == "ray":
-        init_kwargs = {"log_to_driver": False, "logging_level": logging.WARNING}
         # No address (a deployment run, `python -m flows.process_images`): pixelmill's kept
         # local Ray if it is up when the flow starts, else a temporary one for this flow run
         # (ArgumentsRayTaskRunner decides then, not at import).
         address = ray_address or os.environ.get("RAY_ADDRESS") or KEPT_OR_TEMPORARY
-        if job_env:
-            init_kwargs["runtime_env"] = {"env_vars": dict(job_env)}
-        return ArgumentsRayTaskRunner(address=address, init_kwargs=init_kwargs)
+        return ArgumentsRayTaskRunner(address=address,
+                                      init_kwargs=kept_ray.init_kwargs(job_env))
     if runner == "processes":
         return LineageProcessPoolTaskRunner(max_workers=cpus)
     return ThreadPoolTaskRunner(max_workers=cpus if runner == "threads" else 1)

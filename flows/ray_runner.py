@@ -11,7 +11,8 @@ docs/decisions.md, "The Ray runner's fixes to prefect-ray").
 2. Prefect's settings are validated once per worker process instead of once per task run.
 3. The flow side serializes the settings once per flow run instead of once per submission.
 4. Workers are started and warmed (Prefect and the tasks imported) when the runner connects,
-   while the flow run is set up, instead of when the first chunk arrives.
+   while the flow run is set up, instead of when the first chunk arrives (the CLI connects
+   even before it imports Prefect: `flows.kept_ray.connect`).
 5. A parameter the flow passes `opaque` (so that Prefect does not walk its hundreds of
    records, on either side) stays `opaque` in the worker: it travels unwrapped, since an
    annotation (a tuple subclass) comes out of pickling with its value nested one level
@@ -35,7 +36,7 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
-from flows.runners import warm_up
+from flows.kept_ray import warm_workers
 
 
 # What this module copies and changes, as it was when copied: a test compares these with the
@@ -88,18 +89,6 @@ def _with_validated_settings(context: dict[str, Any]) -> dict[str, Any]:
     return {**context, "settings_context": validated}
 
 
-def _warm_workers() -> None:
-    """Have Ray start one worker per CPU and import the tasks' modules in it now, while the
-    flow run is created, its source listed and its chunks submitted; a new Ray job's workers
-    otherwise start only when the first chunk arrives (~3 s on 2 busy cores). Nothing waits
-    for these tasks."""
-    import ray
-
-    warm = ray.remote(num_cpus=1)(warm_up)
-    for _ in range(int(ray.available_resources().get("CPU", 0))):
-        warm.remote()
-
-
 # The address meaning "pixelmill's kept local Ray if it is running, else a temporary local Ray
 # for this flow run": never whatever cluster another program's `ray start` left on the machine,
 # which Ray's own default (no address) would attach to.
@@ -148,7 +137,7 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
         if not ray.is_initialized():
             address = (self.address,) if self.address and self.address != "auto" else ()
             ray.init(*address, **self.init_kwargs)
-            _warm_workers()
+            warm_workers()
 
     def submit(self, task, parameters: dict[str, Any],
                wait_for: Iterable[PrefectFuture[Any]] | None = None,
@@ -206,7 +195,7 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
         fresh = not ray.is_initialized()
         super().__enter__()
         if fresh:
-            _warm_workers()
+            warm_workers()
         return self
 
     @staticmethod

@@ -13,6 +13,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
 
+from flows.kept_ray import warm_up
 from pixelmill.spec import CROSSOVER_IMAGES, auto_runner
 
 
@@ -99,12 +100,6 @@ class SharedTaskRunner(TaskRunner[PrefectFuture[Any]]):
         if self.inner is None:
             raise RuntimeError("a part's tasks are submitted from the flow run's own process")
         return self.inner.submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
-
-
-def warm_up() -> None:
-    """Import what every chunk task needs (Prefect, pixelmill, Pillow), in a worker process
-    that has not run one yet."""
-    import tasks  # noqa: F401
 
 
 class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):

@@ -20,13 +20,15 @@ from tests.helpers import load_report
 pytestmark = pytest.mark.slow
 PIXELMILL = str(ROOT / ".venv/bin/pixelmill")
 
+# As `pixelmill run --runner ray` connects: before Prefect is imported, its workers warmed
 PROBE = """
-import os, ray
+import os, sys, ray
 from cli import localray
+from flows import kept_ray
 info, started = localray.ensure()
-ray.init(address=info.address, log_to_driver=False, runtime_env={"env_vars": localray.job_env()})
+kept_ray.connect(info.address, localray.job_env())
 seen = ray.get(ray.remote(lambda: os.environ.get("PIXELMILL_PROBE")).remote())
-print(started, seen)
+print("prefect" in sys.modules, started, seen)
 """
 
 
@@ -71,7 +73,7 @@ def test_one_local_ray_serves_every_run_with_each_runs_environment(tmp_path, pre
                                env={**env, "PIXELMILL_PROBE": "from-this-command"},
                                timeout=300, cwd=ROOT)
         assert probe.returncode == 0, probe.stderr[-2000:]
-        assert probe.stdout.split()[-2:] == ["False", "from-this-command"]
+        assert probe.stdout.split()[-3:] == ["False", "False", "from-this-command"]
 
         # a run with no Ray address that is not the CLI's (a deployment's flow run, the
         # module's __main__) uses the kept Ray too, and says so
