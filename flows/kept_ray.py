@@ -1,5 +1,7 @@
 """Finding the local Ray that pixelmill keeps running between commands (`pixelmill server
-start` starts it: cli/localray.py), and joining it from this process. Nothing here starts Ray.
+start` starts it: cli/localray.py), and joining it from this process; connecting a driver
+to a Ray and warming its workers (`connect`), with no Prefect imported. Nothing here starts
+the kept Ray.
 
 It keeps to itself: drivers need its token and Ray's single-machine mode, which `join_running`
 sets up for this process. Workers of a long-lived cluster inherit the environment of `ray
@@ -152,4 +154,3 @@ def connect(address: str, env: dict[str, str] | None = None) -> None:
     if not ray.is_initialized():
         ray.init(address, **init_kwargs(env))
         warm_workers()
-

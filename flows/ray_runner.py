@@ -89,6 +89,20 @@ def _with_validated_settings(context: dict[str, Any]) -> dict[str, Any]:
     return {**context, "settings_context": validated}
 
 
+class _SerializedOnce:
+    """The settings context as `_serialize_context` lends it to Prefect: the same context in
+    all but `serialize()`, which gives the serialization made once."""
+
+    def __init__(self, context: SettingsContext, serialized: dict[str, Any]) -> None:
+        self._context, self._serialized = context, serialized
+
+    def serialize(self, include_secrets: bool = True) -> dict[str, Any]:
+        return self._serialized
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 # The address meaning "pixelmill's kept local Ray if it is running, else a temporary local Ray
 # for this flow run": never whatever cluster another program's `ray start` left on the machine,
 # which Ray's own default (no address) would attach to.
@@ -176,17 +190,19 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
     def _serialize_context(self, asset_ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
         """`prefect.context.serialize_context(asset_ctx_kwargs)`, with the settings
         serialized once while the settings context is the same object (it is for a whole
-        run): Prefect's function runs with no settings context, and the serialized settings
-        are put in its place."""
+        run): Prefect's function runs with a stand-in for the settings context that gives
+        that serialization. (With no settings context at all, Prefect falls back to its
+        global one and serializes that instead, ~20 ms per submission.)"""
         settings = SettingsContext.get()
+        if settings is None:
+            return serialize_context(asset_ctx_kwargs)
         if self._settings is None or self._settings[0] is not settings:
-            self._settings = (settings, settings.serialize() if settings else {})
-        token = SettingsContext.__var__.set(None)
+            self._settings = (settings, settings.serialize())
+        token = SettingsContext.__var__.set(_SerializedOnce(settings, self._settings[1]))
         try:
-            context = serialize_context(asset_ctx_kwargs)
+            return serialize_context(asset_ctx_kwargs)
         finally:
             SettingsContext.__var__.reset(token)
-        return {**context, "settings_context": self._settings[1]}
 
     def __enter__(self):
         import ray
