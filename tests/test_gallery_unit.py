@@ -448,3 +448,22 @@ def test_files_that_are_not_images_are_counted_by_extension_in_the_report(tmp_pa
     assert report.not_images_line() == line
     assert line in summary.markdown(report, "r/gallery/index.html")
     assert RunReport.build(job, 0, [], 1.0).not_images_line() is None
+
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 200), (320, 240), (2000, 1500), (90, 60)])
+def test_a_tile_decoded_small_still_fills_three_quarters_of_its_box(dest, size):
+    """Tiles are decoded at a reduced JPEG scale (shrink-on-load), never so far that the
+    tile comes out under 3/4 of its 200x150 box (or under the output's own size)."""
+    job = Job(source="/photos", destination=dest.uri, run="tiles")
+    dest.write("tiles/resized/a.jpg", encode(Image.new("RGB", size, RED), "jpeg"),
+               "image/jpeg")
+    image = ImageResult(source="a.jpg", status="ok", width=size[0], height=size[1],
+                        outputs={"resized": "resized/a.jpg"})
+    build_gallery(RunReport.build(job, 1, [image], 0.5), dest)
+    sheet = decode(dest.read("tiles/gallery/contact-sheet-01.jpg"))
+    slot = sheet.crop((4, 4, 4 + 200, 4 + 150)).convert("L")
+    drawn = slot.point(lambda value: 255 if value > 50 else 0).getbbox()  # red is ~85 in L
+    width, height = drawn[2] - drawn[0], drawn[3] - drawn[1]
+    scale = min(200 / size[0], 150 / size[1], 1.0)
+    assert width >= min(150, size[0] * scale) - 2 and height >= min(112, size[1] * scale) - 2
+    assert width <= 200 and height <= 150
