@@ -468,12 +468,17 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
 
 
 def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE_SIZE) -> str:
-    """Write contact sheets, the pages, index.html, images.jsonl and (last) report.json;
-    returns the index
-    key. A page or sheet already there with the same content (its stamp) is not rewritten;
-    pages beyond the count go. Leftovers of writers killed in earlier runs (a worker lost to
-    the OOM killer) go first."""
+    """Write images.jsonl, contact sheets, the pages, index.html and (last) report.json;
+    returns the index key. A page or sheet already there with the same content (its stamp)
+    is not rewritten; pages beyond the count go. Leftovers of writers killed in earlier runs
+    (a worker lost to the OOM killer) go first.
+
+    The order is that of a run in parts (`build_gallery_of_parts`): the records, then what
+    shows them, then the report that names them. A run that dies on the way leaves no
+    gallery newer than its records."""
     destination.tidy(report.run)
+    destination.write(report.job.run_file(IMAGES_FILE), report.to_jsonl().encode("utf-8"),
+                      "application/x-ndjson")
     held = _held_gallery(destination, report.run)
     shown = report.shown
     sheets = contact_sheets(report, destination, held, shown)
@@ -484,9 +489,6 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),
                       "text/html; charset=utf-8")
-    # the records first: report.json, written last, names them
-    destination.write(report.job.run_file(IMAGES_FILE), report.to_jsonl().encode("utf-8"),
-                      "application/x-ndjson")
     destination.write(report.job.run_file("report.json"),
                       report.to_json().encode("utf-8"),
                       "application/json")

@@ -467,3 +467,16 @@ def test_a_tile_decoded_small_still_fills_three_quarters_of_its_box(dest, size):
     scale = min(200 / size[0], 150 / size[1], 1.0)
     assert width >= min(150, size[0] * scale) - 2 and height >= min(112, size[1] * scale) - 2
     assert width <= 200 and height <= 150
+
+
+def test_the_records_come_before_the_gallery_and_the_report_last(report, dest, monkeypatch):
+    """A run that dies while its gallery is written leaves no index newer than its records:
+    images.jsonl first, then the sheets, pages and index, report.json (which names them) last."""
+    written = []
+    write = dest.write
+    monkeypatch.setattr(dest, "write", lambda key, *args, **kwargs: written.append(
+        key.rsplit("/", 1)[-1]) or write(key, *args, **kwargs))
+    build_gallery(report, dest)
+    assert written[0] == "images.jsonl" and written[-1] == "report.json"
+    assert written.index("index.html") == len(written) - 2
+    assert "contact-sheet-01.jpg" in written
