@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from pixelmill import preflight
 
 from cli import localray, server
+from flows import kept_ray  # Prefect-free; cli.localray loads it anyway
 from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
 from pixelmill.models import ChunkResult, RunReport
@@ -166,14 +167,6 @@ def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
     return info
 
 
-def _connect_ray(address: str, job_env: dict[str, str] | None) -> None:
-    """Connect to Ray and warm its workers before Prefect is imported (`kept_ray.connect`);
-    the flow's Ray task runner then uses this connection."""
-    from flows import kept_ray
-
-    kept_ray.connect(address, job_env)
-
-
 def _local_ray() -> tuple[str, dict[str, str]]:
     """pixelmill's long-lived local Ray (started now if needed): its address and the
     environment this run's workers get."""
@@ -238,8 +231,8 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     job_env = None
     if runner == "ray" and not ray_address:
         ray_address, job_env = _local_ray()
-    if runner == "ray":  # its workers start while Prefect is imported below
-        _connect_ray(ray_address, job_env)
+    if runner == "ray":  # its workers start while Prefect is imported below; the flow's
+        kept_ray.connect(ray_address, job_env)  # Ray task runner then uses this connection
 
     from flows.process_images import make_task_runner, process_images  # after the API is set
     from flows.ray_runner import ArgumentsRayTaskRunner
