@@ -1,14 +1,17 @@
 """`LocalStorage`: the storage interface (pixelmill/storage.py) over a folder on this machine.
 
-Writes go to a temp file and are renamed into place. An object's metadata is appended to a
-journal in the `.pixelmill-meta/` folder of the key's top folder (for pixelmill: the run
-folder), each entry naming the file's size and mtime; an entry counts only while the file
-still has that size and mtime, so a file replaced by hand has no metadata. A listed file's
-version is its mtime and ctime (`_version`).
+A file appears whole or not at all: it is written with no name (O_TMPFILE) and linked into
+place, or, where the file system cannot, written to a temp file and renamed into place. An
+object's metadata is appended to a journal in the `.pixelmill-meta/` folder of the key's top
+folder (for pixelmill: the run folder), each entry naming the file's size and mtime; an entry
+counts only while the file still has that size and mtime, so a file replaced by hand has no
+metadata. A storage object keeps its journals open while it lives. A listed file's version is
+its mtime and ctime (`_version`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -16,13 +19,14 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from pixelmill.storage import META_DIR, TEMP_PREFIX, TIDY_AFTER_S, ObjectInfo, safe_key
 
 class LocalStorage:
-    """A folder on this machine. Writes go to a temp file and are renamed into place."""
+    """A folder on this machine. A written file appears whole or not at all."""
 
     # A local read or write is short next to a decode: done in line. Background readers
     # and writers would only fight the chunks' threads for Python's lock.
@@ -34,6 +38,10 @@ class LocalStorage:
         self._inside = str(self.root).rstrip(os.sep) + os.sep  # every key's path starts so
         self._journal_name = f"{secrets.token_hex(8)}.jsonl"
         self._journal_lock = threading.Lock()
+        # this writer's open journals, {folder: descriptor}: one append per entry, no open
+        # and close per output (closed with the storage object)
+        self._journals_open: dict[Path, int] = {}
+        weakref.finalize(self, _close_all, self._journals_open)
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
@@ -111,39 +119,87 @@ class LocalStorage:
         with self._path(key).open("rb") as handle:
             return handle.read(length)
 
-    def _write_temp(self, path: Path, data: bytes) -> Path:
+    def _write_temp(self, path: Path, data: bytes) -> tuple[Path, os.stat_result]:
+        """`data` in a new temp file beside `path`; returns it and its stat (the size and
+        mtime the renamed file keeps). Plain descriptor calls: a buffered file object would
+        add a seek, a terminal check and a stat to every small output."""
         temp = path.with_name(f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}-{path.name}"[:255])
         try:
             try:
-                handle = temp.open("wb")
+                fd = os.open(temp, _CREATE, 0o666)
             except FileNotFoundError:  # its folder is not there yet (one call, not per write)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                handle = temp.open("wb")
-            with handle:
-                handle.write(data)
+                fd = os.open(temp, _CREATE, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                stat = os.fstat(fd)
+            finally:
+                os.close(fd)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return temp
+        return temp, stat
+
+    def _write_unnamed(self, path: Path, data: bytes) -> os.stat_result | None:
+        """Write `data` to a file with no name yet (O_TMPFILE) and give it `path`'s name
+        once whole: a new output costs one file creation and no rename, and a killed
+        writer leaves nothing behind. Returns its stat, or None where the file system
+        cannot (the caller then writes through a named temp file)."""
+        global _UNNAMED
+        try:
+            fd = os.open(path.parent, _UNNAMED_FLAGS, 0o666)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return self._write_unnamed(path, data)
+        except OSError:  # no O_TMPFILE on this file system
+            _UNNAMED = False
+            return None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            stat = os.fstat(fd)
+            try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: how an unnamed file gets a name
+                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_ROOT_FD, follow_symlinks=True)
+            except FileExistsError:  # an output made again: named beside it, then renamed over
+                temp = path.with_name(f"{TEMP_PREFIX}{_HOST}.{os.getpid()}."
+                                      f"{secrets.token_hex(6)}-{path.name}"[:255])
+                os.link(f"/proc/self/fd/{fd}", temp, src_dir_fd=_ROOT_FD, follow_symlinks=True)
+                try:
+                    os.replace(temp, path)
+                except BaseException:
+                    temp.unlink(missing_ok=True)
+                    raise
+            except OSError as exc:
+                if path.exists() or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise
+                _UNNAMED = False  # no /proc, or a link refused: named temp files from now on
+                return None
+            return stat
+        finally:
+            os.close(fd)
 
     def write(self, key: str, data: bytes, content_type: str,
               metadata: Mapping[str, str] | None = None) -> None:
         path = self._path(key)
-        temp = self._write_temp(path, data)
-        try:
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        stat = self._write_unnamed(path, data) if _UNNAMED else None
+        if stat is None:
+            temp, stat = self._write_temp(path, data)
+            try:
+                os.replace(temp, path)  # keeps the mtime and size the journal names
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
         if metadata:
-            stat = path.stat()
             self._journal(key, stat.st_size, str(stat.st_mtime_ns), metadata)
 
     def write_stream(self, key: str, chunks: Iterable[bytes], content_type: str) -> None:
         """Write `key` from `chunks` as they come (never all of it in memory); it appears
         whole when the last one is written, or not at all."""
         path = self._path(key)
-        temp = self._write_temp(path, b"")
+        temp, _ = self._write_temp(path, b"")
         try:
             with temp.open("ab") as handle:
                 for chunk in chunks:
@@ -156,7 +212,7 @@ class LocalStorage:
     def write_new(self, key: str, data: bytes, content_type: str) -> bool:
         """Create `key` only if it does not exist (atomically); False if it exists."""
         path = self._path(key)
-        temp = self._write_temp(path, data)
+        temp, _ = self._write_temp(path, data)
         try:
             os.link(temp, path)  # fails if `path` exists, never half-written
             return True
@@ -175,13 +231,18 @@ class LocalStorage:
         line = json.dumps({"key": safe_key(key), "size": size, "version": version,
                            "meta": dict(metadata)}, separators=(",", ":")) + "\n"
         with self._journal_lock:
-            try:
-                journal = (folder / self._journal_name).open("a", encoding="utf-8")
-            except FileNotFoundError:
-                folder.mkdir(parents=True, exist_ok=True)
-                journal = (folder / self._journal_name).open("a", encoding="utf-8")
-            with journal:
-                journal.write(line)
+            fd = self._journals_open.get(folder)
+            if fd is not None and os.fstat(fd).st_nlink == 0:  # deleted under us: anew
+                os.close(self._journals_open.pop(folder))
+                fd = None
+            if fd is None:
+                try:
+                    fd = os.open(folder / self._journal_name, _APPEND, 0o666)
+                except FileNotFoundError:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(folder / self._journal_name, _APPEND, 0o666)
+                self._journals_open[folder] = fd
+            os.write(fd, line.encode("utf-8"))  # one append: a killed writer tears one line
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -217,7 +278,7 @@ class LocalStorage:
                                         "meta": meta}, separators=(",", ":")) + "\n"
                             for (key, size, version), meta in kept.items())
             merged = folder / f"merged-{secrets.token_hex(8)}.jsonl"
-            temp = self._write_temp(merged, lines.encode("utf-8"))
+            temp, _ = self._write_temp(merged, lines.encode("utf-8"))
             os.replace(temp, merged)
             os.utime(merged, (cutoff - 1, cutoff - 1))  # old enough to be merged next time
             for path in old:
@@ -229,6 +290,24 @@ class LocalStorage:
 # Temp files name their writer, "<host>.<pid>.", so that one left by a killed process of this
 # machine is removed by the next run at once, not after TIDY_AFTER_S.
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+
+
+# O_TMPFILE where the platform has it; switched off for the process at the first refusal
+_UNNAMED_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
+_UNNAMED = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+# any directory descriptor: it only makes os.link call linkat (the /proc path is absolute)
+_ROOT_FD = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if _UNNAMED else None
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+
+
+def _close_all(descriptors: dict) -> None:
+    for fd in descriptors.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    descriptors.clear()
 
 
 def _writer_gone(name: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import posixpath
 import re
@@ -252,8 +254,13 @@ def _all_files(folder) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-@pytest.fixture
-def store(tmp_path) -> LocalStorage:
+@pytest.fixture(params=["unnamed", "named"])
+def store(request, tmp_path, monkeypatch) -> LocalStorage:
+    """Each test on both ways of writing a new file: with no name, then linked into place
+    (O_TMPFILE, where the file system has it), and through a named temp file."""
+    if request.param == "unnamed" and not storage_module._UNNAMED:
+        pytest.skip("no O_TMPFILE here")
+    monkeypatch.setattr(storage_module, "_UNNAMED", request.param == "unnamed")
     return LocalStorage(tmp_path / "root")
 
 
@@ -277,11 +284,21 @@ def test_write_replaces_existing(store):
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()],
                          ids=["oserror", "interrupt"])
 def test_failed_write_leaves_nothing(store, monkeypatch, error):
-    def fail(src, dst):
-        assert os.path.basename(src).startswith(TEMP_PREFIX)  # it was about to rename a temp
-        raise error
+    if storage_module._UNNAMED:  # the unnamed file fails as it is given its name
+        if isinstance(error, OSError):
+            error = OSError(errno.ENOSPC, "disk full")
 
-    monkeypatch.setattr(storage_module.os, "replace", fail)
+        def fail(src, dst, **kwargs):
+            assert src.startswith("/proc/self/fd/")
+            raise error
+
+        monkeypatch.setattr(storage_module.os, "link", fail)
+    else:
+        def fail(src, dst):
+            assert os.path.basename(src).startswith(TEMP_PREFIX)  # about to rename a temp
+            raise error
+
+        monkeypatch.setattr(storage_module.os, "replace", fail)
     with pytest.raises(type(error)):
         store.write("sub/new.jpg", b"half", "image/jpeg")
     monkeypatch.undo()
@@ -301,6 +318,72 @@ def test_failed_overwrite_keeps_the_old_object(store, monkeypatch):
     monkeypatch.undo()
     assert store.read("keep.jpg") == b"old"
     assert _all_files(store.root) == ["keep.jpg"]
+
+
+def test_a_new_file_is_written_with_no_name_until_it_is_whole(tmp_path, monkeypatch):
+    if not storage_module._UNNAMED:
+        pytest.skip("no O_TMPFILE here")
+    store = LocalStorage(tmp_path / "root")
+    seen = []
+    real_write = os.write
+
+    def write(fd, data):  # what the folder holds while the bytes go in
+        seen.append(_all_files(store.root))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(storage_module.os, "write", write)
+    store.write("a/new.jpg", b"pixels" * 1000, "image/jpeg")
+    store.write("a/new.jpg", b"again" * 1000, "image/jpeg")  # an output made again
+    monkeypatch.undo()
+    assert seen == [[], ["a/new.jpg"]]  # no temp name in the folder, not even in flight
+    assert store.read("a/new.jpg") == b"again" * 1000
+    assert _all_files(store.root) == ["a/new.jpg"]
+
+
+def test_a_file_system_without_unnamed_files_gets_named_temp_files(tmp_path, monkeypatch):
+    def refuse(path, flags, mode=0o777, **kwargs):
+        if flags & getattr(os, "O_TMPFILE", 0):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, mode, **kwargs)
+
+    real_open = os.open
+    monkeypatch.setattr(storage_module, "_UNNAMED", True)
+    monkeypatch.setattr(storage_module.os, "open", refuse)
+    store = LocalStorage(tmp_path / "root")
+    store.write("a/x.jpg", b"1", "image/jpeg", {"pixelmill-made": "s1"})
+    store.write("a/y.jpg", b"2", "image/jpeg", {"pixelmill-made": "s2"})
+    assert storage_module._UNNAMED is False  # asked once, not at every write
+    monkeypatch.undo()
+    assert {info.key: info.metadata for info in store.list()} == {
+        "a/x.jpg": {"pixelmill-made": "s1"}, "a/y.jpg": {"pixelmill-made": "s2"}}
+
+
+def test_a_storage_keeps_its_journal_open_and_closes_it_when_dropped(tmp_path, monkeypatch):
+    opened = []
+    real_open = os.open
+
+    def counting(path, flags, mode=0o777, **kwargs):
+        fd = real_open(path, flags, mode, **kwargs)
+        if str(path).endswith(".jsonl"):
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(storage_module.os, "open", counting)
+    store = LocalStorage(tmp_path / "root")
+    for number in range(20):
+        store.write(f"run/resized/{number}.jpg", b"x", "image/jpeg", {"pixelmill-made": "s"})
+    assert len(opened) == 1  # one journal, opened once for 20 entries
+    monkeypatch.undo()
+    assert len([info for info in store.list("run/") if info.metadata]) == 20
+    journal = os.readlink(f"/proc/self/fd/{opened[0]}")
+    assert journal.endswith(".jsonl")
+    del store
+    gc.collect()
+    try:  # its descriptor is closed with it (the number may have been given out again)
+        now = os.readlink(f"/proc/self/fd/{opened[0]}")
+    except FileNotFoundError:
+        now = None
+    assert now != journal
 
 
 def test_list_skips_temp_files(store):
