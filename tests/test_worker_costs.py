@@ -4,12 +4,17 @@ Prefect itself defines; and what warming a worker (flows.runners.warm_up) import
 
 from __future__ import annotations
 
+import os
 import ssl
 import subprocess
 import sys
 
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+from prefect.context import SettingsContext
 from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+from prefect.utilities.annotations import opaque
 
 import tasks  # noqa: F401  (importing the tasks is what every worker does)
 from flows.runners import LineageProcessPoolTaskRunner, warm_up
@@ -74,3 +79,43 @@ def test_the_process_pool_warms_each_worker_and_keeps_doing_so_when_duplicated()
     runner = LineageProcessPoolTaskRunner(max_workers=2)
     assert runner._initializer is warm_up
     assert runner.duplicate()._initializer is warm_up
+
+
+# What a pool worker's task engine does to a task's parameters, seen from inside the worker.
+# The count is kept on `sys`: a task and a class pickled by value each get their own copy of
+# this module's globals in the worker.
+_WALKS = "_pixelmill_test_walks"
+
+
+class _Walked(list):
+    """A list that counts, in the process that iterates it, how often it is walked."""
+
+    def __iter__(self):
+        sys.__dict__.setdefault(_WALKS, []).append(1)
+        return super().__iter__()
+
+
+@task(cache_policy=NO_CACHE)  # as pixelmill's tasks: a cache key would hash the items
+def _what_the_worker_got(items) -> tuple[int, str | None, int]:
+    settings = SettingsContext.get().settings
+    return (len(sys.__dict__.get(_WALKS, [])), getattr(settings, "_pixelmill_origin", None),
+            os.getpid())
+
+
+def test_a_pool_worker_neither_walks_an_opaque_parameter_nor_validates_the_settings_again(
+        prefect_api):
+    """The pool drops a parameter's `opaque` before it pickles it for the worker, and sends
+    the settings as a dict the worker validates again in every task run; both are kept as
+    they were in the flow's process."""
+    settings = SettingsContext.get().settings.model_copy()
+    object.__setattr__(settings, "_pixelmill_origin", "the flow's process")
+
+    @flow(task_runner=LineageProcessPoolTaskRunner(max_workers=1))
+    def probe():
+        futures = [_what_the_worker_got.submit(opaque(_Walked(range(100)))) for _ in range(3)]
+        return [future.result() for future in futures]
+
+    with SettingsContext(profile=SettingsContext.get().profile, settings=settings):
+        seen = probe()
+    assert {pid for _, _, pid in seen} != {os.getpid()}  # it ran in a worker
+    assert [(walks, origin) for walks, origin, _ in seen] == [(0, "the flow's process")] * 3
