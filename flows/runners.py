@@ -1,6 +1,6 @@
-"""Task runners beside Ray's: `--runner auto` (threads in this process for a batch that one
-machine does faster that way, Ray for the rest; the flow decides once it knows how many images
-it has to make) and Prefect's process pool with the tasks' lineage kept."""
+"""Task runners beside Ray's: `--runner auto` (threads in this process or a process pool for a
+batch that one machine does faster that way, Ray for the rest; the flow decides once it knows
+how many images it has to make) and Prefect's process pool with the tasks' lineage kept."""
 
 from __future__ import annotations
 
@@ -15,21 +15,22 @@ from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
 
 from flows.kept_ray import warm_up
-from pixelmill.spec import CROSSOVER_IMAGES, auto_runner
+from pixelmill.spec import CROSSOVER_IMAGES, PROCESSES_FROM, auto_runner
 
 
 class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
-    """Runs a flow's tasks on threads or on Ray, whichever `choose` picks.
+    """Runs a flow's tasks on threads, on a process pool or on Ray, whichever `choose` picks.
 
     `ray_runner` builds the Ray task runner when Ray is chosen (only then is Ray connected or
     started). Until the flow calls `choose`, nothing is started; a task submitted before that
     runs on threads."""
 
     def __init__(self, ray_runner: Callable[[], TaskRunner], crossover: int = CROSSOVER_IMAGES,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, processes_from: int = PROCESSES_FROM) -> None:
         super().__init__()
         self._make_ray = ray_runner
         self.crossover = crossover
+        self.processes_from = processes_from
         self.threads = threads or os.cpu_count() or 1
         self.chosen: TaskRunner | None = None
         self.reason = ""
@@ -40,16 +41,17 @@ class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
         return "auto"
 
     def duplicate(self) -> AutoTaskRunner:
-        return type(self)(self._make_ray, self.crossover, self.threads)
+        return type(self)(self._make_ray, self.crossover, self.threads, self.processes_from)
 
     def choose(self, images: int, needs_ray: str | None = None) -> TaskRunner:
         """Pick the runner for a batch of `images` to make (once; later calls return the
         first pick). `needs_ray` names a reason that only Ray can serve (a GPU stage)."""
         if self.chosen is not None:
             return self.chosen
-        name, self.reason = auto_runner(images, needs_ray, self.crossover)
+        name, self.reason = auto_runner(images, needs_ray, self.crossover, self.processes_from)
         runner = (self._make_ray() if name == "ray"
-                  else ThreadPoolTaskRunner(max_workers=self.threads))
+                  else LineageProcessPoolTaskRunner(max_workers=self.threads)
+                  if name == "processes" else ThreadPoolTaskRunner(max_workers=self.threads))
         self.chosen = self._stack.enter_context(runner)
         self.logger.info("Runner: %s (%s)", runner_name(self.chosen), self.reason)
         return self.chosen
@@ -114,6 +116,7 @@ class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
 
     def __init__(self, max_workers: int | None = None) -> None:
         super().__init__(max_workers=max_workers, initializer=warm_up)
+        self._context_of: Any = None  # the flow run whose context is cached
 
     def submit(self, task, parameters: dict[str, Any],
                wait_for: Iterable[PrefectFuture[Any]] | None = None,
@@ -121,7 +124,8 @@ class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
         if dependencies is None:
             dependencies = {name: collect_task_run_inputs_sync(value)
                             for name, value in parameters.items()}
-        if self._started and self._cached_context is None:
+        if self._started and (self._cached_context is None
+                              or self._context_of != _flow_run_id()):
             self._cache_context()
         # The pool resolves the parameters, dropping one layer of annotations, before it
         # pickles them: the worker's task engine would then walk an opaque chunk image by
@@ -132,10 +136,14 @@ class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
 
     def _cache_context(self) -> None:
-        """The context the pool sends with every task run, made once per flow run as the pool
-        makes it, but with this process's validated settings instead of their serialization:
-        a worker would validate that dict again for every task run (~26-37 ms, pydantic-
-        settings re-reading the environment), and unpickles the object in ~0.4 ms."""
+        """The context the pool sends with every task run, made as the pool makes it, but
+        with this process's validated settings instead of their serialization: a worker
+        would validate that dict again for every task run (~26-37 ms, pydantic-settings
+        re-reading the environment), and unpickles the object in ~0.4 ms.
+
+        Made again for each flow run that submits: Prefect's pool makes it once per pool,
+        and the parts of a big run (child flow runs lent the parent's pool) would have their
+        task runs recorded under the parent."""
         from prefect.context import SettingsContext, serialize_context
         from prefect.settings import get_current_settings
 
@@ -145,8 +153,16 @@ class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
             context["settings_context"] = {"profile": current.profile,
                                            "settings": current.settings}
         self._cached_context = context
+        self._context_of = _flow_run_id()
         self._cached_env = (get_current_settings().to_environment_variables(exclude_unset=True)
                             | os.environ)
+
+
+def _flow_run_id() -> Any:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context.flow_run.id if context is not None and context.flow_run else None
 
 
 class _Opaque(opaque):

@@ -36,26 +36,36 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-# Images to make up to which `auto` runs a batch on threads in the flow's own process.
-# Pillow releases the GIL while it decodes, resizes and encodes, so a thread per core keeps
-# the cores busy without Ray's per-command cost (connecting, workers that import Prefect,
-# shutting down). Threads were as fast as Ray or faster at every size measured on 2 cores,
-# up to 200,000 images (README, "Which runner `auto` takes"); past that Ray, which a batch
-# that large also needs to spread over a cluster.
+# Images to make up to which `auto` runs a batch on one machine (threads or a process pool,
+# below), and past which on Ray, which a batch that large also needs to spread over a
+# cluster. On 2 cores Ray was never faster than threads or processes, up to 200,000 images
+# (README, "Which runner `auto` takes").
 CROSSOVER_IMAGES = 200_000
+# Images to make from which `auto` takes a process per core instead of threads in the flow's
+# own process. Pillow releases the GIL while it decodes, resizes and encodes, but between
+# those calls two threads hand Python's lock back and forth: on small images that costs
+# ~0.2 ms an image and made threads slower than one thread. A pool's workers take ~1.5 s to
+# start, so below this threads finish first (measured on 2 cores: 6,000 small images even,
+# 10,000 processes ahead by 0.2-1.7 s, 20,000 by 3.5-4 s; camera images even at any count).
+PROCESSES_FROM = 10_000
 
 
 def auto_runner(images: int, needs_ray: str | None = None,
-                crossover: int = CROSSOVER_IMAGES) -> tuple[str, str]:
-    """What `--runner auto` runs a batch of `images` to make on, and why: ("threads" or
-    "ray", reason). `needs_ray` is a reason only Ray can serve (a stage that asks for GPUs)."""
+                crossover: int = CROSSOVER_IMAGES,
+                processes_from: int = PROCESSES_FROM) -> tuple[str, str]:
+    """What `--runner auto` runs a batch of `images` to make on, and why: ("threads",
+    "processes" or "ray", reason). `needs_ray` is a reason only Ray can serve (a stage that
+    asks for GPUs)."""
     if needs_ray:
         return "ray", needs_ray
     if images > crossover:
         return "ray", (f"{images} images to make, more than the {crossover} up to which "
-                       "threads are faster on one machine")
+                       "one machine's threads or processes are faster")
+    if images >= processes_from:
+        return "processes", (f"{images} images to make on one machine, where a process per "
+                             f"core is faster than threads from {processes_from}")
     return "threads", (f"{images} images to make on one machine, where threads are faster "
-                       f"up to {crossover}")
+                       f"below {processes_from}")
 
 
 def check_runner(runner: str) -> str:

@@ -146,19 +146,24 @@ class _Marked(ThreadPoolTaskRunner):
 
 
 @pytest.mark.parametrize(("images", "needs_ray", "expected", "reason"), [
-    (0, None, "threads", "0 images to make on one machine"),
-    (50, None, "threads", "50 images to make on one machine"),
+    (0, None, "threads", "0 images to make on one machine, where threads are faster below 20"),
+    (19, None, "threads", "19 images to make on one machine"),
+    (20, None, "processes", "20 images to make on one machine, where a process per core is "
+                            "faster than threads from 20"),
+    (50, None, "processes", "50 images to make on one machine"),
     (51, None, "ray", "51 images to make, more than the 50"),
     (1, "the filter stage asks for GPUs", "ray", "the filter stage asks for GPUs"),
 ])
 def test_auto_chooses_by_images_to_make_and_by_gpus(images, needs_ray, expected, reason):
-    from flows.runners import AutoTaskRunner
+    from flows.runners import AutoTaskRunner, runner_name
 
     made = []
-    auto = AutoTaskRunner(lambda: made.append(_Marked(1)) or made[-1], crossover=50)
+    auto = AutoTaskRunner(lambda: made.append(_Marked(1)) or made[-1], crossover=50,
+                          processes_from=20)
     with auto.duplicate() as runner:
         chosen = runner.choose(images, needs_ray)
         assert isinstance(chosen, _Marked) == (expected == "ray")
+        assert expected == "ray" or runner_name(runner) == expected
         assert chosen._started and runner.reason.startswith(reason)
         assert runner.choose(10**6) is chosen  # the first choice stands
     assert not chosen._started  # leaving the auto runner stops the one it chose

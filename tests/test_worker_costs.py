@@ -119,3 +119,34 @@ def test_a_pool_worker_neither_walks_an_opaque_parameter_nor_validates_the_setti
         seen = probe()
     assert {pid for _, _, pid in seen} != {os.getpid()}  # it ran in a worker
     assert [(walks, origin) for walks, origin, _ in seen] == [(0, "the flow's process")] * 3
+
+
+@task(cache_policy=NO_CACHE)
+def _my_flow_run() -> str:
+    from prefect.context import TaskRunContext
+
+    return str(TaskRunContext.get().task_run.flow_run_id)
+
+
+def test_a_child_flow_run_lent_the_pool_gets_its_task_runs_recorded_under_it(prefect_api):
+    """The parts of a big run are child flow runs on the parent's pool: each task run must be
+    recorded under the flow run that submitted it, not under the first one to use the pool."""
+    from prefect.context import FlowRunContext
+
+    from flows.runners import SharedTaskRunner
+
+    pool = LineageProcessPoolTaskRunner(max_workers=1)
+
+    @flow
+    def part():
+        return str(FlowRunContext.get().flow_run.id), _my_flow_run.submit().result()
+
+    @flow(task_runner=pool)
+    def parent():
+        own = (str(FlowRunContext.get().flow_run.id), _my_flow_run.submit().result())
+        lent = part.with_options(task_runner=SharedTaskRunner(FlowRunContext.get().task_runner))
+        return [own, lent(), lent()]
+
+    runs = parent()
+    assert len({flow_run for flow_run, _ in runs}) == 3
+    assert [recorded for _, recorded in runs] == [flow_run for flow_run, _ in runs]
