@@ -123,7 +123,7 @@ class LocalStorage:
         """`data` in a new temp file beside `path`; returns it and its stat (the size and
         mtime the renamed file keeps). Plain descriptor calls: a buffered file object would
         add a seek, a terminal check and a stat to every small output."""
-        temp = path.with_name(f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}-{path.name}"[:255])
+        temp = _temp_name(path)
         try:
             try:
                 fd = os.open(temp, _CREATE, 0o666)
@@ -131,10 +131,7 @@ class LocalStorage:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(temp, _CREATE, 0o666)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                stat = os.fstat(fd)
+                stat = _write_all(fd, data)
             finally:
                 os.close(fd)
         except BaseException:
@@ -153,29 +150,28 @@ class LocalStorage:
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
             return self._write_unnamed(path, data)
-        except OSError:  # no O_TMPFILE on this file system
-            _UNNAMED = False
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            _UNNAMED = False  # no O_TMPFILE on this file system: named temp files from now on
             return None
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            stat = os.fstat(fd)
+            stat = _write_all(fd, data)
+            source = f"/proc/self/fd/{fd}"
             try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: how an unnamed file gets a name
-                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_ROOT_FD, follow_symlinks=True)
+                os.link(source, path, src_dir_fd=_ROOT_FD, follow_symlinks=True)
             except FileExistsError:  # an output made again: named beside it, then renamed over
-                temp = path.with_name(f"{TEMP_PREFIX}{_HOST}.{os.getpid()}."
-                                      f"{secrets.token_hex(6)}-{path.name}"[:255])
-                os.link(f"/proc/self/fd/{fd}", temp, src_dir_fd=_ROOT_FD, follow_symlinks=True)
+                temp = _temp_name(path)
+                os.link(source, temp, src_dir_fd=_ROOT_FD, follow_symlinks=True)
                 try:
                     os.replace(temp, path)
                 except BaseException:
                     temp.unlink(missing_ok=True)
                     raise
             except OSError as exc:
-                if path.exists() or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                if exc.errno not in _UNSUPPORTED + (errno.ENOENT, errno.EXDEV, errno.EPERM):
                     raise
-                _UNNAMED = False  # no /proc, or a link refused: named temp files from now on
+                _UNNAMED = False  # no /proc, or such a link refused: named temp files
                 return None
             return stat
         finally:
@@ -297,8 +293,23 @@ _UNNAMED_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
 _UNNAMED = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 # any directory descriptor: it only makes os.link call linkat (the /proc path is absolute)
 _ROOT_FD = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if _UNNAMED else None
+# what open(O_TMPFILE) or linkat answer where the file system or kernel cannot
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+
+
+def _temp_name(path: Path) -> Path:
+    """A temp file's name beside `path`: it names its writer (`_writer_gone`)."""
+    return path.with_name(
+        f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(6)}-{path.name}"[:255])
+
+
+def _write_all(fd: int, data: bytes) -> os.stat_result:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return os.fstat(fd)
 
 
 def _close_all(descriptors: dict) -> None:
