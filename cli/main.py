@@ -478,8 +478,8 @@ def run(
         "--part-size", help="a run of more images is run in parts of about this many, each "
                             "a child flow run (default 20000)")] = None,
     runner: Annotated[str, typer.Option(
-        "--runner", help="auto (threads or Ray, whichever is faster for the batch on one "
-        "machine; Ray with a cluster address) | ray | threads | processes | sequential")] = "auto",
+        "--runner", help="auto (threads below 10,000 images to make, a process pool to "
+        "200,000, Ray past that or with a cluster address) | ray | threads | processes | sequential")] = "auto",
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", envvar="RAY_ADDRESS",
         help="a Ray cluster; default: pixelmill's local one, kept running between runs; "

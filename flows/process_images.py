@@ -50,7 +50,8 @@ def make_task_runner(runner: str = "ray", ray_address: str | None = None,
                      ray_runner: Callable[[], TaskRunner] | None = None) -> TaskRunner:
     """The task runner for `--runner`: Ray (`ray_address`, RAY_ADDRESS or a temporary local
     one), threads, Prefect's process pool, one thread, or `auto` (Ray given a Ray address,
-    else threads or Ray, chosen by the flow once it knows how many images it has to make;
+    else threads, a process pool or Ray, chosen by the flow once it knows how many images it
+    has to make;
     `ray_runner` builds the Ray one).
 
     `job_env` is given to the Ray job's workers (for pixelmill's long-lived local Ray, whose
@@ -488,7 +489,7 @@ def process_part(job: Job, parts: list[PartRef], chunk_size: int | None = None,
     if since is None and since_epoch is not None:
         since = time.monotonic() - (time.time() - since_epoch)
     stages = {"resize": resize_resources, "filter": filter_resources}
-    _choose_runner(sum(part.images for part in parts), stages)  # auto: threads or Ray
+    _choose_runner(sum(part.images for part in parts), stages)  # auto: threads, processes or Ray
     if cores is None:
         cores = int(sum(node.get("CPU", 0.0) for node in _nodes())) or 1
     summaries = _make_parts(job, parts, chunk_size, resize_resources, filter_resources, cores,

@@ -77,7 +77,7 @@ class AutoTaskRunner(TaskRunner[PrefectFuture[Any]]):
 
 class SharedTaskRunner(TaskRunner[PrefectFuture[Any]]):
     """A flow run's task runner lent to its child flow runs (the parts of a big run): their
-    tasks go to the parent's threads or Ray, already started; a child neither starts nor
+    tasks go to the parent's threads, process pool or Ray, already started; a child neither starts nor
     stops it, so parts cost no new workers."""
 
     def __init__(self, inner: TaskRunner | None) -> None:

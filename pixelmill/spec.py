@@ -12,8 +12,8 @@ from pixelmill.errors import UsageError
 
 Fit = Literal["contain", "cover", "fill"]
 OutputFormat = Literal["jpeg", "png", "webp", "avif"]
-# Task runners: `auto` (the command line's default: threads or Ray, whichever one machine runs
-# the batch faster), Ray, a thread pool, Prefect's process pool, or one thread (a baseline).
+# Task runners: `auto` (the command line's default: threads, a process pool or Ray, whichever
+# runs the batch faster), Ray, a thread pool, Prefect's process pool, or one thread (a baseline).
 RUNNERS = ("auto", "ray", "threads", "processes", "sequential")
 
 # Largest output side we accept; beyond this a "thumbnail pipeline" is a mistake, and a
