@@ -14,9 +14,9 @@ docs/decisions.md, "The Ray runner's fixes to prefect-ray").
    while the flow run is set up, instead of when the first chunk arrives (the CLI connects
    even before it imports Prefect: `flows.kept_ray.connect`).
 5. A parameter the flow passes `opaque` (so that Prefect does not walk its hundreds of
-   records, on either side) stays `opaque` in the worker: it travels unwrapped, since an
-   annotation (a tuple subclass) comes out of pickling with its value nested one level
-   deeper, and the task would get a tuple.
+   records, on either side) stays `opaque` in the worker: it travels in a
+   `flows.runners.PicklableOpaque`, since Prefect's annotations (tuple subclasses) come out
+   of pickling with their value nested one level deeper, and the task would get a tuple.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture
 
 from flows.kept_ray import warm_workers
+from flows.runners import PicklableOpaque
 
 
 # What this module copies and changes, as it was when copied: a test compares these with the
@@ -167,14 +168,13 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
                                            "task_inputs": task_inputs,
                                            "copy_to_child_ctx": True})
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
-        # an annotation (a tuple subclass) comes out of pickling with its value nested one
-        # level deeper: the value travels alone and is wrapped again in the worker
-        wrapped = tuple(name for name, value in parameters.items() if isinstance(value, opaque))
-        parameters = {name: value.unwrap() if name in wrapped else value
-                      for name, value in parameters.items()}
+        # Prefect's annotations come out of pickling with their value nested one level
+        # deeper: an opaque parameter travels in one that pickles
+        parameters = {name: PicklableOpaque(value.unwrap()) if isinstance(value, opaque)
+                      else value for name, value in parameters.items()}
         object_ref = self._remote(task.name).remote(
             *upstream_refs, task=task, task_run_id=task_run_id, parameters=parameters,
-            wait_for=wait_for, dependencies=dependencies, context=context, opaque_names=wrapped)
+            wait_for=wait_for, dependencies=dependencies, context=context)
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
     def _remote(self, name: str):
@@ -218,12 +218,10 @@ class ArgumentsRayTaskRunner(RayTaskRunner):
     def _run_prefect_task(*upstream_values: Any, task, task_run_id: UUID,
                           context: dict[str, Any], parameters: dict[str, Any],
                           wait_for: Iterable[PrefectFuture[Any]] | None = None,
-                          dependencies=None, opaque_names: tuple[str, ...] = ()) -> Any:
+                          dependencies=None) -> Any:
         import ray
 
         values = iter(upstream_values)
-        parameters = {name: opaque(value) if name in opaque_names else value
-                      for name, value in parameters.items()}
 
         def resolved(expr: Any) -> Any:
             # the submit side collected the refs with the same visit, so the order matches

@@ -131,8 +131,9 @@ class LineageProcessPoolTaskRunner(ProcessPoolTaskRunner):
         # pickles them: the worker's task engine would then walk an opaque chunk image by
         # image, twice (~15 ms a walk at 476 images). Wrapped twice, in an opaque that
         # pickles, it arrives opaque.
-        parameters = {name: _Opaque(_Opaque(value.unwrap())) if isinstance(value, opaque)
-                      else value for name, value in parameters.items()}
+        parameters = {name: PicklableOpaque(PicklableOpaque(value.unwrap()))
+                      if isinstance(value, opaque) else value
+                      for name, value in parameters.items()}
         return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
 
     def _cache_context(self) -> None:
@@ -165,10 +166,10 @@ def _flow_run_id() -> Any:
     return context.flow_run.id if context is not None and context.flow_run else None
 
 
-class _Opaque(opaque):
+class PicklableOpaque(opaque):
     """Prefect's `opaque` that survives pickling: Prefect's annotations are tuples built from
     one value, and a tuple pickles as its items, so `opaque(x)` comes back as
-    `opaque((x,))`."""
+    `opaque((x,))`. The process pool and the Ray runner send opaque parameters in it."""
 
     def __reduce__(self):
         return type(self), (self.unwrap(),)
