@@ -25,7 +25,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pixelmill import preflight
 
-from cli import localray, server
+from cli import localray, server, warm
+from pixelmill.home import home
 from flows import kept_ray  # Prefect-free; cli.localray loads it anyway
 from pixelmill.errors import ImageError, UsageError
 from pixelmill.filters import FILTER_NAMES, canonical_filter
@@ -57,6 +58,25 @@ server_app = typer.Typer(no_args_is_help=True,
 app.add_typer(server_app, name="server")
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
+# Called with the exit status just before the process ends (the warm host's child sends it
+# to the command that handed the command over: cli/warm.py).
+_on_exit: list = []
+
+
+def fresh_consoles() -> None:
+    """Make the consoles again for this process's streams and environment (terminal or not,
+    colours, width): the warm host made them for its own, before a command's were known."""
+    console.__init__(stderr=True, soft_wrap=True)
+    out.__init__(soft_wrap=True)
+
+
+def _end(code: int) -> None:
+    """End the process now with `code`, its output flushed and its status reported."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for report in _on_exit:
+        report(code)
+    os._exit(code)
 
 
 class Fail(Exception):
@@ -158,9 +178,16 @@ def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
         url, info = server.ensure_api()
     except RuntimeError as exc:
         raise Fail(EXIT_USAGE, str(exc).splitlines()[0]) from None
+    if "prefect.context" in sys.modules:  # loaded already (the warm host): take the above
+        from prefect.context import refresh_global_settings_context
+        from prefect.logging.configuration import setup_logging
+
+        refresh_global_settings_context()
+        setup_logging(incremental=False)
     if info is not None:
         console.print(f"Prefect UI: [link={info.ui_url}]{info.ui_url}[/link] "
                       "(local server; `pixelmill server stop` ends it)")
+        warm.ensure_started(home())  # later commands start without loading Prefect
     else:
         console.print(f"using the Prefect server at {url} (not started by pixelmill; "
                       "PREFECT_API_URL)", highlight=False)
@@ -439,9 +466,7 @@ def _guard(command) -> None:
     except Fail as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         if isinstance(exc, ApiLost):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exc.code)
+            _end(exc.code)
         raise typer.Exit(exc.code) from None
     raise typer.Exit(code or EXIT_OK)
 
@@ -706,6 +731,10 @@ def server_status() -> None:
     if foreign:
         out.print(f"PREFECT_API_URL points at {foreign}, a Prefect server not started by "
                   "pixelmill: runs from this shell use it", highlight=False, markup=False)
+    host = warm.running(home())
+    if host is not None:
+        out.print(f"warm host: pid {host['pid']}, log {host['log']} (runs `pixelmill run` "
+                  "and `demo` commands without loading Prefect each time)")
     if info is None:
         out.print("no pixelmill-started Prefect server is running")
         raise typer.Exit(1)
@@ -726,6 +755,7 @@ def server_start(
         except RuntimeError as exc:
             raise Fail(EXIT_RUN_FAILED, "could not start the Prefect server: "
                        f"{str(exc).splitlines()[0]}") from None
+        warm.ensure_started(home())
         out.print(f"# pixelmill's Prefect server is running: pid {info.pid}, UI {info.ui_url}, "
                   f"API {info.url}", highlight=False, markup=False)
         if ray:
@@ -747,6 +777,9 @@ def server_start(
 @server_app.command("stop")
 def server_stop() -> None:
     """Stop the local Prefect server and Ray pixelmill started."""
+    host = warm.stop(home())
+    if host:
+        out.print(f"stopped the warm host pid {host['pid']}")
     ray_info = localray.stop()
     if ray_info:
         out.print(f"stopped ray pid {ray_info.pid}")
@@ -754,18 +787,18 @@ def server_stop() -> None:
     out.print(f"stopped pid {info.pid}" if info else "no pixelmill-started server was running")
 
 
-def main() -> None:
+def main(on_exit=None) -> None:
     """The `pixelmill` command. Once the command has finished and every exit handler has run
     (Prefect's log and event workers have sent what they hold), the process ends without
     tearing down its modules one by one: after a run that took ~0.4 s, which the user waited
-    for with nothing left to do."""
+    for with nothing left to do. `on_exit` is called with the exit status just before."""
     code: list[int] = [EXIT_OK]
+    if on_exit is not None:
+        _on_exit.append(on_exit)
 
     def leave() -> None:  # runs after every exit handler registered during the command
         logging.shutdown()  # registered at `import logging`, before this one: run it now
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code[0])
+        _end(code[0])
 
     atexit.register(leave)
     try:

@@ -221,6 +221,9 @@ class Services:
     def ray(self) -> dict:
         return json.loads((self.home / "ray.json").read_text())
 
+    def warm(self) -> dict:
+        return json.loads((self.home / "warm.json").read_text())
+
     def processes(self) -> set[int]:
         """Every process of pixelmill's server and Ray for this home."""
         recorded, ray_info = self.server(), self.ray()
@@ -271,9 +274,10 @@ def test_two_commands_starting_at_once_make_one_server_and_one_ray(services):
     assert services.outputs[1][0] == stdout
     assert f"running: pid {recorded['pid']}" in stdout
     assert f"ray: pid {ray_info['pid']}, address {ray_info['address']}" in stdout
-    # and nothing else was started for this home: every process of it is in one of the two
+    # and nothing else was started for this home: every process of it is in one of the
+    # three, the third pixelmill's warm host for commands
     groups = {_processes()[pid][1] for pid in services.processes()}
-    assert groups == {recorded["pid"], ray_info["pid"]}
+    assert groups == {recorded["pid"], ray_info["pid"], services.warm()["pid"]}
     # its session files are in a folder of its own, this user's only
     assert Path(ray_info["temp_dir"]).parent.stat().st_mode & 0o777 == 0o700
 
