@@ -65,15 +65,53 @@ def peak_rss_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
+def warm_up() -> bool:
+    """pixelmill's Prefect server and warm host up and ready, as between a user's commands
+    (a bench compares runs, not services starting); True when commands go through the warm
+    host (PIXELMILL_WARM=0: never)."""
+    from cli import server, warm
+    from pixelmill.home import home
+
+    server.ensure_api()
+    if os.environ.get("PIXELMILL_WARM") == "0" or warm.ensure_started(home()) is None:
+        return False
+    path = warm.socket_path(home())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if path.exists() and "ready" in (home() / warm.LOG).read_text(errors="replace"):
+            return True
+        time.sleep(0.2)
+    raise RuntimeError(f"pixelmill's warm host did not start; see {home() / warm.LOG}")
+
+
+def _handed_child(log: Path, offset: int) -> int | None:
+    """The child the warm host ran a command in, from its log past `offset`."""
+    try:
+        with log.open("rb") as handle:
+            handle.seek(offset)
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [line.rsplit(" ", 1)[1] for line in lines if " handed to child " in line]
+    return int(found[-1]) if found else None
+
+
 def run_watched(command: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a command, sampling its peak memory; returns (result with stdout and stderr in
-    `stdout`, wall seconds, peak MB). Output goes to a file, so a chatty command never
-    blocks on a full pipe while it is being sampled."""
-    started, peak = time.perf_counter(), 0.0
+    """Run a command, sampling its peak memory (the warm host's child's, when it ran the
+    command); returns (result with stdout and stderr in `stdout`, wall seconds, peak MB).
+    Output goes to a file, so a chatty command never blocks on a full pipe while it is
+    being sampled."""
+    from cli import warm
+    from pixelmill.home import home
+
+    log = home() / warm.LOG
+    offset = log.stat().st_size if log.exists() else 0
+    started, peak, child = time.perf_counter(), 0.0, None
     with tempfile.TemporaryFile("w+") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
         while process.poll() is None:
-            peak = max(peak, peak_rss_mb(process.pid))
+            child = child or _handed_child(log, offset)
+            peak = max(peak, peak_rss_mb(process.pid), peak_rss_mb(child) if child else 0.0)
             time.sleep(0.1)
         wall = time.perf_counter() - started
         output.seek(0)

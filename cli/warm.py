@@ -48,6 +48,8 @@ IMPORT_ENV = ("PYTHON", "LD_")
 # Unix socket paths hold at most 107 bytes on Linux; a deeper home has no warm host.
 SOCKET_PATH_MAX = 100
 HEADER = struct.Struct("!I")  # the length of a JSON message that follows
+# Seconds between the host's checks that the kept Prefect server it belongs to still runs.
+CHECK_S = 10.0
 
 
 def socket_path(base: Path) -> Path | None:
@@ -196,11 +198,22 @@ def serve(base: Path) -> None:
     listener.bind(str(partial))
     listener.listen(64)
     os.replace(partial, path)  # commands see a socket that already answers, or none
+    own = os.stat(path).st_ino  # a newer host may replace the file; then it is not ours
     os.chdir(folder)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     print(f"warm host {os.getpid()} ready at {path}", flush=True)
+    listener.settimeout(CHECK_S)
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            if _server_gone(base):
+                print("the Prefect server it came with is gone: exiting", flush=True)
+                if _owns(path, own):
+                    path.unlink(missing_ok=True)
+                return
+            continue
+        conn.settimeout(None)
         try:
             pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
@@ -222,7 +235,7 @@ def serve(base: Path) -> None:
                 conn.close()
                 print(f"declined a command of pid {pid}: {declined}", flush=True)
                 if changed:  # the next server start makes a host with the new code
-                    if _owns(path, listener):
+                    if _owns(path, own):
                         path.unlink(missing_ok=True)
                     return
                 continue
@@ -239,11 +252,23 @@ def serve(base: Path) -> None:
         conn.close()
 
 
-def _owns(path: Path, listener: socket.socket) -> bool:
-    """Whether the socket at `path` is still this host's (a newer host may have replaced it)."""
+def _server_gone(base: Path) -> bool:
+    """Whether the Prefect server recorded in `base` (the one the host was started with) has
+    stopped, or its home is gone: the host lives as long as the kept server, even when the
+    server is ended some other way than `pixelmill server stop`."""
+    from pixelmill.home import alive
+
     try:
-        return os.stat(path).st_ino == os.fstat(listener.fileno()).st_ino or \
-            listener.getsockname() == str(path)
+        pid = int(json.loads((base / "server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return not alive(pid)
+
+
+def _owns(path: Path, inode: int) -> bool:
+    """Whether the socket file at `path` is still this host's (inode `inode`)."""
+    try:
+        return os.stat(path).st_ino == inode
     except OSError:
         return False
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import server
+from cli import server, warm
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pixelmill-tests-"))
 _PORT = server.free_port()
@@ -52,6 +52,7 @@ def prefect_api() -> Iterator[str]:
     finally:
         _drain_prefect_workers()  # what they hold goes now, not at exit to a stopped server
         server.stop_pid(info.pid)
+        warm.stop(_SESSION_HOME / "server")  # commands run with it as pixelmill's own start one
 
 
 def _drain_prefect_workers() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import localray, server
+from cli import localray, server, warm
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -402,6 +402,7 @@ def test_a_crashed_server_comes_back_on_its_port_with_its_database(tmp_path):
         assert _variable(last.url, "made-before-the-crash") == "kept"
     finally:
         server.stop(home)
+        warm.stop(home)
 
 
 class _Health(BaseHTTPRequestHandler):

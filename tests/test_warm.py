@@ -44,6 +44,9 @@ def host(tmp_path, prefect_api):
     command it runs reaches the session's server only with the command's own environment."""
     base = tmp_path / "home"
     base.mkdir()
+    # the kept server the host lives as long as: this test's process stands in for it
+    (base / "server.json").write_text(json.dumps({"url": prefect_api, "pid": os.getpid(),
+                                                  "log": ""}))
     env = {**os.environ, "PIXELMILL_HOME": str(base),
            "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
     saved = dict(os.environ)
@@ -140,3 +143,12 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except OSError:
         return True
+
+
+def test_the_host_ends_with_the_kept_server_however_that_ends(host):
+    base, info = host
+    (base / "server.json").unlink()  # as when the server is stopped by other means
+    _wait(lambda: not alive(info["pid"]) or _zombie(info["pid"]), warm.CHECK_S + 20,
+          "the host to exit")
+    assert "server it came with is gone" in (base / warm.LOG).read_text()
+    assert not warm.socket_path(base).exists()
