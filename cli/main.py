@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import os
 import shlex
@@ -61,6 +62,19 @@ out = Console(soft_wrap=True)
 # Called with the exit status just before the process ends (the warm host's child sends it
 # to the command that handed the command over: cli/warm.py).
 _on_exit: list = []
+
+
+# Young-object collections run every this many allocations (Python's default is 700): a run
+# makes a record per image that lives to its end, and each collection walks the young ones.
+GC_THRESHOLD = (50_000, 20, 100)
+
+
+def settle_heap() -> None:
+    """What is loaded by now (Prefect, the flows: ~130,000 objects) lives as long as the
+    process: set it aside from the garbage collector, and collect less often. Discovery of
+    20,000 images took 0.86 s with the collector walking all of that, 0.61 s without."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def fresh_consoles() -> None:
@@ -168,22 +182,16 @@ class RichProgress:
 
 
 def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
-    if not verbose:  # the progress bar is the console view; logs still reach the API/UI
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        # Prefect's background services (logs and events sent to the API) print a traceback
-        # for each failed attempt when the API goes away; the command says so once instead.
-        os.environ.setdefault("PREFECT_LOGGING_INTERNAL_LEVEL", "CRITICAL")
+    if not verbose:
+        for key, value in server.QUIET_ENV.items():
+            os.environ.setdefault(key, value)
         logging.raiseExceptions = False  # the API log handler's "--- Error logging to API ---"
     try:
         url, info = server.ensure_api()
     except RuntimeError as exc:
         raise Fail(EXIT_USAGE, str(exc).splitlines()[0]) from None
     if "prefect.context" in sys.modules:  # loaded already (the warm host): take the above
-        from prefect.context import refresh_global_settings_context
-        from prefect.logging.configuration import setup_logging
-
-        refresh_global_settings_context()
-        setup_logging(incremental=False)
+        _refresh_prefect_settings()
     if info is not None:
         console.print(f"Prefect UI: [link={info.ui_url}]{info.ui_url}[/link] "
                       "(local server; `pixelmill server stop` ends it)")
@@ -192,6 +200,38 @@ def _prepare_prefect(verbose: bool) -> server.ServerInfo | None:
         console.print(f"using the Prefect server at {url} (not started by pixelmill; "
                       "PREFECT_API_URL)", highlight=False)
     return info
+
+
+# What Prefect's logging was set up with, when Prefect was loaded before the command's
+# environment was known (the warm host records it: `remember_logging`).
+_logging_set_up_with: tuple | None = None
+
+
+def _logging_inputs() -> tuple:
+    """What Prefect's logging set-up reads: its settings and PREFECT_LOGGING_* variables."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    return (settings.logging, settings.home,
+            sorted(item for item in os.environ.items() if item[0].startswith("PREFECT_LOGGING_")))
+
+
+def remember_logging() -> None:
+    global _logging_set_up_with
+    _logging_set_up_with = _logging_inputs()
+
+
+def _refresh_prefect_settings() -> None:
+    """Prefect's settings and logging from this command's environment and folder, when
+    Prefect was loaded before they were known (the warm host's child). Logging is set up
+    again only when what it reads differs from what it was set up with: it reads a YAML
+    file and builds every handler (~60 ms)."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.logging.configuration import setup_logging
+
+    refresh_global_settings_context()
+    if _logging_inputs() != _logging_set_up_with:
+        setup_logging(incremental=False)
 
 
 def _local_ray() -> tuple[str, dict[str, str]]:
@@ -265,6 +305,7 @@ def execute(source: str, dest: str, spec: PipelineSpec, *, runner: str = "ray",
     from flows.ray_runner import ArgumentsRayTaskRunner
     from pixelmill import progress
 
+    settle_heap()
     # auto: Ray (pixelmill's kept local one) is connected only if the flow chooses it
     task_runner = make_task_runner(runner, ray_address, job_env,
                                    ray_runner=lambda: make_task_runner("ray", *_local_ray()))
@@ -354,6 +395,7 @@ def plan_only(source: str, dest: str, spec: PipelineSpec, *, runner: str = "auto
         storages = source_storage(job), destination_storage(job)
     else:
         storages = open_storage(source), open_storage(dest, destination=True)
+    settle_heap()
     found = pipeline.survey(*storages, job, part_size or PART_IMAGES)
     to_make = found.to_make
     chunks, size = found.chunks(chunk_size, os.cpu_count() or 1)

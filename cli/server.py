@@ -44,6 +44,14 @@ BASE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines: telemetry only errors
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pixelmill",  # our loggers (GCS retries) reach the UI
 }
+# And those of a command that is not --verbose: the progress bar is the console view (logs
+# still reach the API and the UI), and Prefect's background services (logs and events sent
+# to the API) would print a traceback for each failed attempt when the API goes away; the
+# command says so once instead.
+QUIET_ENV = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    "PREFECT_LOGGING_INTERNAL_LEVEL": "CRITICAL",
+}
 # /proc/net/tcp* state of a listening socket.
 TCP_LISTEN = "0A"
 

@@ -33,6 +33,7 @@ import socket
 import struct
 import sys
 import threading
+import types
 from pathlib import Path
 
 FOLDER = "warm"  # in PIXELMILL_HOME, mode 0700
@@ -41,7 +42,12 @@ STATE = "warm.json"  # in PIXELMILL_HOME: pid and Python of the running host
 LOG = "warm.log"
 # What the host loads before it waits: what every run needs and takes ~1.2 s to import.
 PRELOAD = ("prefect", "prefect.flow_engine", "prefect.task_engine", "flows.process_images",
-           "flows.ray_runner", "pixelmill.progress", "cli.main")
+           "flows.ray_runner", "pixelmill.progress", "cli.main",
+           # and what every run imports on first use: Prefect serializes a flow run's
+           # parameters with FastAPI's encoder (~90 ms to import), and so on
+           "fastapi.encoders", "prefect.utilities.visualization", "anyio._backends._asyncio",
+           "anyio.streams.memory", "http.cookies", "encodings.idna", "pydantic.color",
+           "rich._emoji_codes", "typer._adapters")
 # Environment variables that decide what Python imports: a command whose values differ
 # from the host's runs by itself.
 IMPORT_ENV = ("PYTHON", "LD_")
@@ -159,6 +165,8 @@ def _sources() -> dict[str, int]:
     """Every loaded module's source file and its mtime: a change means the host is stale."""
     found = {}
     for module in list(sys.modules.values()):
+        if type(module) is not types.ModuleType:  # a lazy module: asking would load it (Ray)
+            continue
         path = getattr(module, "__file__", None)
         if path and path not in found:
             try:
@@ -182,8 +190,17 @@ def serve(base: Path) -> None:
     """Load, listen, and fork a child per accepted command until stopped or stale."""
     import importlib
 
+    from cli.server import BASE_ENV, QUIET_ENV
+
+    for key, value in {**BASE_ENV, **QUIET_ENV}.items():  # as a command sets them
+        os.environ.setdefault(key, value)
     for name in PRELOAD:
         importlib.import_module(name)
+    importlib.import_module("PIL.Image").init()  # every image format's plugin
+    importlib.import_module("tasks.prefect_costs").tls_context()  # built once, not per run
+    command_line = importlib.import_module("cli.main")
+    command_line.remember_logging()  # a child with other logging settings sets it up again
+    command_line.settle_heap()  # also: children copy fewer pages
     sources = _sources()
     own_env = import_env(os.environ)
     folder = base / FOLDER

@@ -67,9 +67,10 @@ def _handed(base: Path) -> list[int]:
             if " handed to child " in line]
 
 
-def _run(args, base: Path, cwd: Path, **env):
+def _run(args, base: Path, cwd: Path, drop: tuple[str, ...] = (), **env):
+    environ = {key: value for key, value in os.environ.items() if key not in drop}
     return subprocess.run([PIXELMILL, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PIXELMILL_HOME": str(base), **env}, timeout=300)
+                          env={**environ, "PIXELMILL_HOME": str(base), **env}, timeout=300)
 
 
 def test_a_command_handed_over_runs_in_its_own_folder_environment_and_streams(tmp_path, host):
@@ -91,6 +92,21 @@ def test_a_command_handed_over_runs_in_its_own_folder_environment_and_streams(tm
     assert "nothing-here" in refused.stderr
     assert len(_handed(base)) == 2
     assert alive(info["pid"])  # the host itself never runs a command
+
+
+def test_a_verbose_command_gets_prefects_logs_on_its_console(tmp_path, host):
+    base, _ = host
+    source = make_jpegs(tmp_path / "src", 2)
+    as_users = ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",)  # the tests' quiet default
+    quiet = _run(["run", str(source), str(tmp_path / "a"), "--runner", "threads"], base,
+                 tmp_path, drop=as_users)
+    loud = _run(["run", str(source), str(tmp_path / "b"), "--runner", "threads", "--verbose"],
+                base, tmp_path, drop=as_users)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert len(_handed(base)) == 2
+    assert "Beginning flow run" not in quiet.stdout + quiet.stderr
+    # the host set Prefect's logging up for quiet commands; this one's is set up again
+    assert "Beginning flow run" in loud.stdout + loud.stderr
 
 
 def test_the_host_steps_aside_for_other_import_settings_or_changed_code(tmp_path, host):
