@@ -46,13 +46,22 @@ MAX_SHEET_TILES = PER_SHEET * 10
 SHEET_VERSION = 2
 
 
+# Characters that URL quoting and HTML escaping both leave as they are.
+_PLAIN = re.compile(r"[A-Za-z0-9_.~/-]*").fullmatch
+_MARKUP = re.compile(r"[&<>\"']").search
+
+
 def _href(path: str) -> str:
-    """A relative link from gallery/ to a run-folder path, URL-quoted then HTML-escaped."""
+    """A relative link from gallery/ to a run-folder path, URL-quoted then HTML-escaped
+    (most paths need neither: they are taken as they are)."""
+    if _PLAIN(path):
+        return "../" + path
     return html.escape("../" + quote(path), quote=True)
 
 
 def _text(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    text = str(value)
+    return html.escape(text, quote=True) if _MARKUP(text) else text
 
 
 def _label(text: str, width: int = 30) -> str:
@@ -387,13 +396,34 @@ def render_page(report: RunReport, number: int, count: int, offset: int,
                      this_run=False)
 
 
+# What a page is drawn with besides its images: this module's code (a change to how pages
+# are drawn redraws them all).
+with open(__file__, "rb") as _source:
+    _CODE = hashlib.sha256(_source.read()).hexdigest()
+
+
+def _page_stamp(report: RunReport, number: int, count: int, offset: int, total: int,
+                records: Sequence[str]) -> str:
+    """A digest of everything a page is drawn from: the run's names and settings, its place
+    among the pages, and its images' records (images.jsonl's lines: every field a figure
+    shows). Equal stamps, equal pages: an unchanged page is neither drawn nor written."""
+    head = [_CODE, report.run, report.source, report.destination,
+            report.spec.model_dump_json(), str(number), str(count), str(offset), str(total)]
+    digest = hashlib.sha256("\0".join(head).encode("utf-8", "surrogatepass"))
+    for record in records:
+        digest.update(record.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
+
+
 def _write_page(report: RunReport, destination: Storage, held: dict[str, str], number: int,
-                count: int, offset: int, images: Sequence[ImageResult], total: int) -> None:
-    """Write a page unless the run folder holds it with the same content (its stamp)."""
-    page = render_page(report, number, count, offset, images, total).encode("utf-8")
+                count: int, offset: int, images: Sequence[ImageResult], total: int,
+                records: Sequence[str]) -> None:
+    """Write a page unless the run folder holds it made from the same things (its stamp).
+    `records`: the images' lines in images.jsonl."""
     key = report.job.run_file(f"gallery/{_page_name(number)}")
-    stamp = hashlib.sha256(page).hexdigest()[:32]
+    stamp = _page_stamp(report, number, count, offset, total, records)
     if held.get(key) != stamp:
+        page = render_page(report, number, count, offset, images, total).encode("utf-8")
         destination.write(key, page, "text/html; charset=utf-8", {provenance.MADE: stamp})
 
 
@@ -425,21 +455,23 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
     count = 0 if inline is not None else -(-shown_total // page_size)
     pages: list[tuple[int, int, str, str]] = []
     page: list[ImageResult] = []
+    page_records: list[str] = []
     tiles: list[ImageResult] = []
 
     def flush() -> None:
-        nonlocal page
+        nonlocal page, page_records
         _write_page(report, destination, held, len(pages) + 1, count,
-                    len(pages) * page_size, page, shown_total)
+                    len(pages) * page_size, page, shown_total, page_records)
         pages.append((len(pages) + 1, len(page), page[0].source, page[-1].source))
-        page = []
+        page, page_records = [], []
 
     def lines() -> Iterator[bytes]:
         """images.jsonl a part at a time; the pages are written on the way."""
         for key in records:
             part = []
             for image in read_records(destination, job, key):
-                part.append(RECORD_ENCODER.encode(image.report_entry()) + "\n")
+                record = RECORD_ENCODER.encode(image.report_entry()) + "\n"
+                part.append(record)
                 if image.status == "failed":
                     continue
                 if len(tiles) < MAX_SHEET_TILES:
@@ -448,6 +480,7 @@ def build_gallery_of_parts(report: RunReport, destination: Storage, records: Seq
                     inline.append(image)
                     continue
                 page.append(image)
+                page_records.append(record)
                 if len(page) == page_size:
                     flush()
             yield "".join(part).encode("utf-8")
@@ -477,14 +510,18 @@ def build_gallery(report: RunReport, destination: Storage, page_size: int = PAGE
     shows them, then the report that names them. A run that dies on the way leaves no
     gallery newer than its records."""
     destination.tidy(report.run)
-    destination.write(report.job.run_file(IMAGES_FILE), report.to_jsonl().encode("utf-8"),
+    records = report.jsonl_lines()
+    destination.write(report.job.run_file(IMAGES_FILE), "".join(records).encode("utf-8"),
                       "application/x-ndjson")
     held = _held_gallery(destination, report.run)
     shown = report.shown
+    shown_records = [record for image, record in zip(report.images, records)
+                     if image.status != "failed"]
     sheets = contact_sheets(report, destination, held, shown)
     pages = _pages(shown, page_size)
     for number, offset, images in pages:
-        _write_page(report, destination, held, number, len(pages), offset, images, len(shown))
+        _write_page(report, destination, held, number, len(pages), offset, images, len(shown),
+                    shown_records[offset:offset + len(images)])
     _drop_beyond(destination, held, report.job, len(pages), len(sheets))
     index_key = report.job.run_file("gallery/index.html")
     destination.write(index_key, render_index(report, sheets, page_size).encode("utf-8"),

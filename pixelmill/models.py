@@ -315,8 +315,12 @@ class RunReport(BaseModel):
     def to_jsonl(self) -> str:
         """images.jsonl's text: one record per image, sorted by source (report.json's
         summary names this file)."""
+        return "".join(self.jsonl_lines())
+
+    def jsonl_lines(self) -> list[str]:
+        """images.jsonl's lines, one per image of `images`, in order."""
         encode = RECORD_ENCODER.encode
-        return "".join(encode(image.report_entry()) + "\n" for image in self.images)
+        return [encode(image.report_entry()) + "\n" for image in self.images]
 
     def __iter__(self):  # type: ignore[override]
         """(field, value) pairs without the per-image records. Prefect walks a flow's return

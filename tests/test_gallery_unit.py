@@ -411,6 +411,14 @@ def test_a_gallery_of_more_images_than_a_page_is_an_index_and_pages(dest):
     build_gallery(again, dest, page_size=3)  # no page is rewritten, the index is
     assert {path.name: path.stat().st_mtime_ns for path in gallery.glob("page-*")} == before
     assert "in 9.9 s" in (gallery / "index.html").read_text()
+    # one image kept now instead of made: only its page is drawn again, with the mark
+    images = list(again.images)
+    images[4] = images[4].model_copy(update={"status": "skipped"})
+    kept = again.model_copy(update={"images": images})
+    build_gallery(kept, dest, page_size=3)
+    after = {path.name: path.stat().st_mtime_ns for path in gallery.glob("page-*")}
+    assert [name for name in sorted(after) if after[name] != before[name]] == ["page-002.html"]
+    assert '<span class="kept"' in (gallery / "page-002.html").read_text()
     build_gallery(report, dest)  # all on one page again: the pages go
     assert not list(gallery.glob("page-*")) and "<figure" in (gallery / "index.html").read_text()
 
