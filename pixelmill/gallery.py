@@ -180,8 +180,8 @@ class SheetsAhead:
         for number, tiles in _sheets_of(shown)[self.drawn:]:
             if len(tiles) < PER_SHEET:
                 break  # its last slots may still be taken
-            self.futures.append(self.pool.submit(_sheet, self.job, self.destination,
-                                                 number, tiles, {}))
+            args = (self.job, self.destination, number, tiles, {})
+            self.futures.append((self.pool.submit(_sheet, *args), args))
             self.drawn = number
 
     def __enter__(self) -> SheetsAhead:
@@ -191,12 +191,26 @@ class SheetsAhead:
         self.close()
 
     def close(self) -> None:
-        """Wait for the sheets being drawn; a sheet that failed is drawn again at the end."""
+        """Draw the sheets still waiting on every core (the chunks are done: nothing else
+        needs them) and wait for them; a sheet that failed is drawn again at the end."""
+        waiting = [args for future, args in self.futures if future.cancel()]
+        errors = threaded_map(lambda args: _drawn(*args), waiting,
+                              max(1, min(len(waiting), os.cpu_count() or 1)))
         self.pool.shutdown(wait=True)
-        for future in self.futures:
-            if future.exception() is not None:
+        errors += [future.exception() for future, _ in self.futures if not future.cancelled()]
+        for error in errors:
+            if error is not None:
                 log.warning("contact sheet drawn early failed (drawn again with the gallery): "
-                            "%s", future.exception())
+                            "%s", error)
+
+
+def _drawn(*args) -> BaseException | None:
+    """`_sheet(*args)`; what it raised, if anything."""
+    try:
+        _sheet(*args)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller, drawn again later
+        return exc
+    return None
 
 
 # <picture> sources, the most compact first; the <img> holds the main format.
