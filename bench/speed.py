@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import rivals  # noqa: E402
-from bench.common import PIXELMILL, make_corpus, run_watched, write_results  # noqa: E402
+from bench.common import PIXELMILL, make_corpus, run_watched, warm_up, write_results  # noqa: E402
 
 SPEC = {"size": (400, 300), "filters": ("blur",), "format": "jpeg", "quality": 85}
 # Rows the ratios are built from: run --repeat times, the median (by seconds) is reported,
@@ -183,9 +183,9 @@ def main() -> None:
                          f"pixelmill-corpus-{args.images}-{args.size}-q{args.quality}",
                          args.images, width, height, args.quality)
     files = sorted(corpus.rglob("*.jpg"))
-    from cli import localray, server
+    from cli import localray
 
-    server.ensure_api()  # a running server and Ray, as a user who runs pixelmill twice has
+    warm = warm_up()  # a running server, warm host and Ray, as a user who runs pixelmill twice has
     if "pm-ray" in args.rows.split(","):
         localray.ensure()
     rows = {}
@@ -270,7 +270,7 @@ def main() -> None:
               f"{peak} |")
     print("\n" + "  ".join(f"{k}={v}" for k, v in ratios.items()))
     result = {"images": len(files), "corpus": f"{args.size} q{args.quality}",
-              "cores": os.cpu_count(), "rows": rows, "ratios": ratios}
+              "cores": os.cpu_count(), "warm_host": warm, "rows": rows, "ratios": ratios}
     path = Path(args.out) if args.out else write_results("speed", result)
     if args.out:
         path.write_text(json.dumps(result, indent=2))
