@@ -87,7 +87,10 @@ def _umask() -> int:
 
 def main() -> None:
     if _eligible(sys.argv):
-        status = handed_over(sys.argv)
+        try:
+            status = handed_over(sys.argv)
+        except KeyboardInterrupt:  # Ctrl-C before the child was known: nothing ran
+            os._exit(130)
         if status is not None:
             sys.stdout.flush()
             os._exit(status)

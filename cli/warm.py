@@ -5,7 +5,7 @@ Loading Prefect and the flows takes ~1.2 s of every command, the largest part of
 that finds nothing new (docs/decisions.md, "A warm host for commands"). The host is one of
 the local services pixelmill keeps, like its Prefect server and Ray: it starts with the
 server (`pixelmill server start`, or the first run that starts the server) and
-`pixelmill server stop` ends it. It costs ~150 MB while it waits and no CPU.
+`pixelmill server stop` ends it. It costs 110-150 MB while it waits, and no CPU.
 
 How a command is handed over (the other side is cli/launch.py, the `pixelmill` script):
 - The host listens on a Unix socket in a folder of PIXELMILL_HOME that only this user can
@@ -19,9 +19,9 @@ How a command is handed over (the other side is cli/launch.py, the `pixelmill` s
   Ctrl-C and SIGTERM on to it and waits for its exit status. If the command is killed, the
   child is stopped too.
 - The host declines, and the command runs by itself as before, when a Python source it has
-  loaded changed since it started (it then exits, so the next server start makes a fresh
-  one), or when the command's Python or its import settings (PYTHON*, LD_* variables)
-  differ from the host's.
+  loaded changed since it started (it then exits, and the command starts a fresh one for
+  the commands after it), or when the command's Python or its import settings (PYTHON*,
+  LD_* variables) differ from the host's. It ends by itself when the server is gone.
 """
 
 from __future__ import annotations
