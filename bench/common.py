@@ -117,6 +117,7 @@ def run_watched(command: list[str]) -> tuple[subprocess.CompletedProcess, float,
         output.seek(0)
         stdout = output.read()
     result = subprocess.CompletedProcess(command, process.returncode, stdout, "")
+    result.warm = child is not None  # type: ignore[attr-defined]  # the warm host ran it
     if result.returncode != 0:
         raise RuntimeError(f"{command[0]} exited {result.returncode}: {stdout[-2000:]}")
     return result, wall, peak

@@ -164,7 +164,8 @@ def run_pixelmill(corpus: Path, out: Path, runner: str, *options: str,
             "processing_s": round(processing, 2),
             "steady_images_per_s": round(report["counts"]["ok"] / processing, 2),
             "teardown_s": round(wall - (work_end - launched).total_seconds(), 2),
-            "chunks": len(report["chunks"]), "ok": report["counts"]["ok"]}
+            "chunks": len(report["chunks"]), "ok": report["counts"]["ok"],
+            "warm_host": result.warm}
 
 
 def main() -> None:

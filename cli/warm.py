@@ -20,8 +20,8 @@ How a command is handed over (the other side is cli/launch.py, the `pixelmill` s
   child is stopped too.
 - The host declines, and the command runs by itself as before, when a Python source it has
   loaded changed since it started (it then exits, and the command starts a fresh one for
-  the commands after it), or when the command's Python or its import settings (PYTHON*,
-  LD_* variables) differ from the host's. It ends by itself when the server is gone.
+  the commands after it), or when the command's Python or what Python reads when it starts
+  (PYTHONPATH, PYTHONIOENCODING, ... and LD_* variables) differ from the host's. It ends by itself when the server is gone.
 """
 
 from __future__ import annotations
@@ -48,9 +48,18 @@ PRELOAD = ("prefect", "prefect.flow_engine", "prefect.task_engine", "flows.proce
            "fastapi.encoders", "prefect.utilities.visualization", "anyio._backends._asyncio",
            "anyio.streams.memory", "http.cookies", "encodings.idna", "pydantic.color",
            "rich._emoji_codes", "typer._adapters")
-# Environment variables that decide what Python imports: a command whose values differ
-# from the host's runs by itself.
-IMPORT_ENV = ("PYTHON", "LD_")
+# What Python reads from the environment when it starts (import paths, I/O encoding and
+# buffering, warnings, hashing, ...; PYTHONBREAKPOINT, read when used, is not one) and the
+# dynamic loader's LD_* variables: a command whose values differ from the host's runs by
+# itself.
+STARTUP_ENV = frozenset({
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "PYTHONUSERBASE",
+    "PYTHONPLATLIBDIR", "PYTHONOPTIMIZE", "PYTHONDEBUG", "PYTHONIOENCODING", "PYTHONUTF8",
+    "PYTHONLEGACYWINDOWSSTDIO", "PYTHONUNBUFFERED", "PYTHONWARNINGS", "PYTHONDEVMODE",
+    "PYTHONMALLOC", "PYTHONHASHSEED", "PYTHONINTMAXSTRDIGITS", "PYTHONFAULTHANDLER",
+    "PYTHONTRACEMALLOC", "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE", "PYTHONVERBOSE",
+    "PYTHONCASEOK", "PYTHONEXECUTABLE", "PYTHONNODEBUGRANGES", "PYTHONPROFILEIMPORTTIME",
+})
 # Unix socket paths hold at most 107 bytes on Linux; a deeper home has no warm host.
 SOCKET_PATH_MAX = 100
 HEADER = struct.Struct("!I")  # the length of a JSON message that follows
@@ -63,8 +72,10 @@ def socket_path(base: Path) -> Path | None:
     return path if len(os.fsencode(str(path))) <= SOCKET_PATH_MAX else None
 
 
-def import_env(environ) -> dict[str, str]:
-    return {key: value for key, value in environ.items() if key.startswith(IMPORT_ENV)}
+def startup_env(environ) -> dict[str, str]:
+    """The variables of `environ` that Python or the loader read at start-up."""
+    return {key: value for key, value in environ.items()
+            if key in STARTUP_ENV or key.startswith("LD_")}
 
 
 def send_message(conn: socket.socket, message: dict, fds: list[int] | None = None) -> None:
@@ -202,7 +213,7 @@ def serve(base: Path) -> None:
     command_line.remember_logging()  # a child with other logging settings sets it up again
     command_line.settle_heap()  # also: children copy fewer pages
     sources = _sources()
-    own_env = import_env(os.environ)
+    own_env = startup_env(os.environ)
     folder = base / FOLDER
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -244,7 +255,7 @@ def serve(base: Path) -> None:
             declined = (f"{changed} changed since the host started" if changed else
                         "another Python or other import settings"
                         if len(fds) != 3 or request.get("python") != sys.executable
-                        or import_env(request.get("env", {})) != own_env else None)
+                        or startup_env(request.get("env", {})) != own_env else None)
             if declined:
                 send_message(conn, {"declined": declined})
                 for fd in fds:
