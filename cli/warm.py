@@ -242,6 +242,7 @@ def serve(base: Path) -> None:
                 return
             continue
         conn.settimeout(None)
+        fds: list[int] = []
         try:
             pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
@@ -260,9 +261,10 @@ def serve(base: Path) -> None:
                 send_message(conn, {"declined": declined})
                 for fd in fds:
                     os.close(fd)
+                fds = []
                 conn.close()
                 print(f"declined a command of pid {pid}: {declined}", flush=True)
-                if changed:  # the next server start makes a host with the new code
+                if changed:  # the declined command starts a host with the new code
                     if _owns(path, own):
                         path.unlink(missing_ok=True)
                     return
@@ -274,9 +276,15 @@ def serve(base: Path) -> None:
                 _child(conn, request, fds)  # never returns
             for fd in fds:
                 os.close(fd)
+            fds = []
             print(f"command of pid {pid} handed to child {child}", flush=True)
         except (OSError, EOFError, ValueError) as exc:
             print(f"a command could not be handed over: {exc}", flush=True)
+            for fd in fds:  # received before the failure: the command keeps its own
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         conn.close()
 
 
