@@ -11,17 +11,11 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 # Commands worth handing over: the ones that load Prefect and the flows.
 WARM_COMMANDS = {"run", "demo"}
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LOST = 3  # the contract's "the run failed": the command's process ended without a status
-
-
-def _home() -> Path:  # pixelmill.home.home(), without importing the package
-    folder = os.environ.get("PIXELMILL_HOME") or Path.home() / ".pixelmill"
-    return Path(folder).expanduser().absolute()
 
 
 def _eligible(argv: list[str]) -> bool:
@@ -34,8 +28,9 @@ def handed_over(argv: list[str]) -> int | None:
     """The exit status of the command as run by the warm host; None when it did not take it
     (no host, or it declined before anything ran): then this process runs it."""
     from cli import warm
+    from pixelmill.home import home
 
-    path = warm.socket_path(_home())
+    path = warm.socket_path(home())
     if path is None or not path.exists():
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

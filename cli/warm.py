@@ -38,7 +38,7 @@ from pathlib import Path
 
 FOLDER = "warm"  # in PIXELMILL_HOME, mode 0700
 SOCKET = "sock"
-STATE = "warm.json"  # in PIXELMILL_HOME: pid and Python of the running host
+STATE = "warm.json"  # in PIXELMILL_HOME: pid and log of the running host
 LOG = "warm.log"
 # What the host loads before it waits: what every run needs and takes ~1.2 s to import.
 PRELOAD = ("prefect", "prefect.flow_engine", "prefect.task_engine", "flows.process_images",
@@ -149,7 +149,7 @@ def ensure_started(base: Path) -> dict | None:
                                        stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True,
                                        cwd=base)
-        info = {"pid": process.pid, "python": sys.executable, "log": str(base / LOG)}
+        info = {"pid": process.pid, "log": str(base / LOG)}
         write_state(base / STATE, info)
         return info
 
@@ -259,9 +259,7 @@ def serve(base: Path) -> None:
                         or startup_env(request.get("env", {})) != own_env else None)
             if declined:
                 send_message(conn, {"declined": declined})
-                for fd in fds:
-                    os.close(fd)
-                fds = []
+                fds = _close(fds)
                 conn.close()
                 print(f"declined a command of pid {pid}: {declined}", flush=True)
                 if changed:  # the declined command starts a host with the new code
@@ -274,31 +272,33 @@ def serve(base: Path) -> None:
                 listener.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _child(conn, request, fds)  # never returns
-            for fd in fds:
-                os.close(fd)
-            fds = []
+            fds = _close(fds)  # the child has them
             print(f"command of pid {pid} handed to child {child}", flush=True)
         except (OSError, EOFError, ValueError) as exc:
             print(f"a command could not be handed over: {exc}", flush=True)
-            for fd in fds:  # received before the failure: the command keeps its own
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            _close(fds)  # received before the failure: the command keeps its own
         conn.close()
+
+
+def _close(fds: list[int]) -> list[int]:
+    """Close descriptors received from a command; returns none left to close."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return []
 
 
 def _server_gone(base: Path) -> bool:
     """Whether the Prefect server recorded in `base` (the one the host was started with) has
     stopped, or its home is gone: the host lives as long as the kept server, even when the
     server is ended some other way than `pixelmill server stop`."""
+    from cli.server import _recorded
     from pixelmill.home import alive
 
-    try:
-        pid = int(json.loads((base / "server.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return True
-    return not alive(pid)
+    recorded = _recorded(base)
+    return recorded is None or not alive(recorded.pid)
 
 
 def _owns(path: Path, inode: int) -> bool:

@@ -5,7 +5,6 @@ the command line does (cli/server.py, cli/localray.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 
@@ -35,6 +34,8 @@ def command_line(pid: int) -> str:
     zombie. A recorded pid is only ours while it still runs the command we started."""
     proc = _proc()
     if proc is None:
+        import subprocess  # only where /proc cannot tell: the launcher imports this module
+
         result = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
                                 text=True, check=False)
         return result.stdout.strip()
